@@ -23,6 +23,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3")
 STORAGE_SCHEMES = ("s3", "gs", "file")
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _DTYPE_ALIASES = {
+    "auto": "auto",
     "bf16": "bfloat16",
     "bfloat16": "bfloat16",
     "fp32": "float32",
@@ -33,7 +34,8 @@ _DTYPE_ALIASES = {
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
-Dtype = Literal["bfloat16", "float32", "float16"]
+Dtype = Literal["auto", "bfloat16", "float32", "float16"]
+StorageDtype = Literal["bfloat16", "float32", "float16"]
 
 
 class SpecError(ValueError):
@@ -70,7 +72,11 @@ class ModelSpec(_Section):
         default_factory=dict,
         description="Overrides for the built model's config (hidden_size, num_hidden_layers, ...). Only with `architecture`.",
     )
-    dtype: Dtype = Field("bfloat16", description="Dtype of the non-quantized weights: bfloat16, float32 or float16.")
+    dtype: Dtype = Field(
+        "auto",
+        description="Dtype of the non-quantized weights: auto, bfloat16, float32 or float16. auto: bfloat16 where the "
+        "device computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else float32.",
+    )
     trust_remote_code: bool = Field(False, description="Passed to `from_pretrained` for hub models with custom code.")
 
     _dtype = field_validator("dtype", mode="before")(_dtype)
@@ -87,8 +93,8 @@ class ModelSpec(_Section):
 class QuantizationSpec(_Section):
     type: Literal["nf4", "fp4", "none"] = Field("nf4", description="4-bit data type of the frozen base weights, or none.")
     double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
-    compute_dtype: Dtype = Field("bfloat16", description="Dtype the 4-bit weights are dequantized to for matmuls.")
-    storage_dtype: Optional[Dtype] = Field(
+    compute_dtype: Dtype = Field("auto", description="Dtype the 4-bit weights are dequantized to for matmuls (auto: as model.dtype).")
+    storage_dtype: Optional[StorageDtype] = Field(
         None,
         description="Dtype the packed 4-bit weights are stored in. Defaults to uint8; DeepSpeed ZeRO-3 needs it equal "
         "to `compute_dtype` (set automatically).",
@@ -162,7 +168,11 @@ class TrainingSpec(_Section):
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
     seed: int = Field(42, ge=0, description="Seeds weights of new LoRA layers, data order and dropout.")
-    dtype: Dtype = Field("bfloat16", description="Autocast dtype for forward/backward (float32 turns autocast off).")
+    dtype: Dtype = Field(
+        "auto",
+        description="Autocast dtype for forward/backward; float32 turns autocast off. auto: bfloat16 where the device "
+        "computes it natively, else float32 (on an AVX2-only CPU bf16 matmuls are emulated and ~20x slower).",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
 
     _dtype = field_validator("dtype", mode="before")(_dtype)
@@ -443,3 +453,61 @@ def _get(tree: dict, keys: list[str]) -> Any:
         tree = tree[key]
     return tree
 
+
+
+def _type_name(annotation: Any) -> str:
+    """A short, readable type for the reference table: `int`, `nf4 | fp4 | none`, `list[str] | all-linear`."""
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin is Union or (origin is not None and type(annotation).__name__ == "UnionType"):
+        return " | ".join(_type_name(a) for a in args if a is not type(None))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation)).replace("Any", "any")
+
+
+def spec_reference() -> str:
+    """Markdown reference of every spec field, generated from the field descriptions (`lorafleet spec-doc`).
+
+    Returns:
+        `str`: One table per section: field, type, default, meaning.
+
+    Example:
+
+    ```python
+    >>> "| `training.steps` |" in spec_reference()
+    True
+    ```
+    """
+    lines = []
+    for section, info in JobSpec.model_fields.items():
+        annotation = info.annotation
+        model = next(
+            (a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+            None,
+        )
+        if model is None:
+            lines += [f"## `{section}`", "", info.description or "", ""]
+            continue
+        optional = " (optional section)" if info.default is None and not info.is_required() else ""
+        lines += [f"## `{section}`{optional}", "", "| field | type | default | meaning |", "|---|---|---|---|"]
+        for name, field in model.model_fields.items():
+            if field.is_required():
+                default = "required"
+            elif field.default_factory is not None:
+                default = f"`{json_default(field.default_factory())}`"
+            else:
+                default = f"`{json_default(field.default)}`"
+            kind = _type_name(field.annotation).replace("|", "\\|")
+            lines.append(f"| `{section}.{name}` | {kind} | {default} | {field.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def json_default(value: Any) -> str:
+    import json
+
+    return json.dumps(value)

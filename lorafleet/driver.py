@@ -1,0 +1,230 @@
+"""The driver: check everything a run needs, start (or join) Ray, run the `TorchTrainer`, summarize.
+
+[`run_job`] is what `lorafleet submit` and notebooks call. It refuses a bad spec or bad data with a
+[`~lorafleet.spec.SpecError`] *before* Ray starts, so nothing is scheduled and nothing in storage is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue as _queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .spec import JobSpec, SpecError
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports (the `--json` line of `lorafleet submit`)."""
+
+    job: str
+    status: str
+    first_loss: Optional[float] = None
+    final_loss: Optional[float] = None
+    steps: int = 0
+    start_step: int = 0
+    tokens_per_s: Optional[float] = None
+    adapter_uri: Optional[str] = None
+    kernels: dict[str, int] = field(default_factory=dict)
+    error: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if out["error"] is None:
+            out.pop("error")
+        return out
+
+
+@dataclass
+class Prepared:
+    """The outcome of the pre-flight checks: where the base model is and how many samples the data gives."""
+
+    spec: JobSpec
+    base: str
+    num_samples: int
+
+
+def prepare(spec: JobSpec) -> Prepared:
+    """Materialize the base model and tokenize the data once on the driver, so data errors surface before Ray.
+
+    Args:
+        spec ([`~lorafleet.spec.JobSpec`]):
+            The validated spec.
+
+    Returns:
+        [`Prepared`]: the base model location and the number of training samples.
+
+    Raises:
+        [`~lorafleet.spec.SpecError`]: For data that cannot be trained on (bad records, nothing to train).
+    """
+    from .data import prepare_samples
+    from .model import load_tokenizer_for, resolve_base_model
+
+    base = resolve_base_model(spec)
+    try:
+        tokenizer = load_tokenizer_for(base, spec.model.trust_remote_code)
+    except OSError as exc:
+        raise SpecError(f"model.name_or_path: cannot load a tokenizer from '{base}' ({str(exc).splitlines()[0]})") from None
+    samples = prepare_samples(spec.data, tokenizer)
+    if not samples:
+        raise SpecError(f"data.path: no sample has a token to train on after tokenization (max_length={spec.data.max_length})")
+    return Prepared(spec=spec, base=base, num_samples=len(samples))
+
+
+def start_ray(address: Optional[str] = None, verbose: bool = False) -> None:
+    """Join the Ray cluster at `address` (or `RAY_ADDRESS`), or start an embedded local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.WARNING,
+        # Workers import lorafleet from the installed package; keep Ray's usage stats and dashboard off locally.
+        include_dashboard=False if address is None and "RAY_ADDRESS" not in os.environ else None,
+    )
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address=address, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def storage_for(spec: JobSpec) -> tuple[str, Any]:
+    """`RunConfig` storage path and filesystem for `checkpoint.storage`."""
+    from .storage import resolve_storage
+
+    return resolve_storage(spec.storage_uri, endpoint=spec.checkpoint.endpoint)
+
+
+def make_trainer(prepared: Prepared, channel: Any = None) -> Any:
+    """Assemble the `TorchTrainer` for a prepared spec."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .worker import train_loop_per_worker
+
+    spec = prepared.spec
+    scaling = spec.scaling
+    use_gpu = scaling.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    resources = dict(scaling.resources_per_worker) or None
+    storage_path, filesystem = storage_for(spec)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.model_dump_json(), "base": prepared.base, "channel": channel},
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+        ),
+    )
+
+
+def _failure_message(exc: BaseException) -> str:
+    """The one line a user needs from a failed fit(): the worker's own error, not Ray's wrapping."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        err = failures[min(failures)]
+        cause = getattr(err, "cause", None) or err
+        text = str(cause).strip().splitlines()
+        name = type(cause).__name__
+        return f"{name}: {text[-1] if text else ''}".strip()
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    address: Optional[str] = None,
+    on_progress: Optional[ProgressFn] = None,
+    verbose: bool = False,
+) -> RunSummary:
+    """Run a job to the end and summarize it.
+
+    Args:
+        spec ([`~lorafleet.spec.JobSpec`]):
+            The validated spec.
+        address (`str`, *optional*):
+            A Ray cluster address (`auto`, `ray://...`, `HOST:PORT`); default: an embedded local instance.
+        on_progress (`Callable[[dict], None]`, *optional*):
+            Called on the driver with each step's metrics (`step`, `loss`, `lr`, `tokens_per_s`, ...).
+        verbose (`bool`, *optional*, defaults to `False`):
+            Forward Ray's and the workers' logs.
+
+    Returns:
+        [`RunSummary`]: `status` is `succeeded` or `failed` (with `error`).
+
+    Example:
+
+    ```python
+    >>> from lorafleet.spec import load_spec
+    >>> summary = run_job(load_spec("jobs/llama.yaml", ["training.steps=4", "name=doc-example"]))
+    >>> summary.status, summary.steps
+    ('succeeded', 4)
+    ```
+    """
+    import ray
+    from ray.util.queue import Queue
+
+    prepared = prepare(spec)
+    start_ray(address, verbose)
+    channel = Queue(actor_options={"num_cpus": 0})
+    history: list[dict[str, Any]] = []
+    stop = threading.Event()
+
+    def pump() -> None:
+        while not stop.is_set() or not channel.empty():
+            try:
+                item = channel.get(timeout=0.2)
+            except (_queue.Empty, Exception):
+                continue
+            history.append(item)
+            if on_progress is not None:
+                on_progress(item)
+
+    reader = threading.Thread(target=pump, name="lorafleet-progress", daemon=True)
+    reader.start()
+    summary = RunSummary(job=spec.name, status="succeeded")
+    try:
+        result = make_trainer(prepared, channel).fit()
+    except Exception as exc:  # Ray wraps worker errors; the summary carries the worker's own message.
+        result = None
+        summary.status = "failed"
+        summary.error = _failure_message(exc)
+    finally:
+        stop.set()
+        reader.join(timeout=10)
+        try:
+            ray.kill(channel.actor)
+        except Exception:
+            pass
+    if history:
+        summary.first_loss = history[0]["loss"]
+        summary.final_loss = history[-1]["loss"]
+        summary.steps = history[-1]["step"]
+        summary.start_step = history[0].get("start_step", 0)
+        rates = [h["tokens_per_s"] for h in history[1:]] or [history[0]["tokens_per_s"]]
+        summary.tokens_per_s = sum(rates) / len(rates)
+        for item in history:
+            if "kernels" in item:
+                summary.kernels = dict(item["kernels"])
+    if result is not None and result.checkpoint is not None:
+        from .storage import display_uri
+
+        summary.adapter_uri = display_uri(spec.storage_uri, result.checkpoint.path)
+    elif summary.status == "succeeded":
+        summary.status, summary.error = "failed", "the run finished without a checkpoint"
+    return summary

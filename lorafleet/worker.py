@@ -1,0 +1,201 @@
+"""The per-worker training loop Ray Train runs: build, resume, loop, report.
+
+Each helper below does one step of the story so [`train_loop_per_worker`] reads top to bottom. The loop's only
+inputs are the validated spec (as JSON) and the resolved base model; it never reads config by loose string keys.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .spec import JobSpec, spec_from_json
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def _context() -> WorkerContext:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    return WorkerContext(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Per-rank seeds: identical data order comes from the step-indexed batch plan, not from these."""
+    worker_seed = seed * 1009 + rank
+    random.seed(worker_seed)
+    np.random.seed(worker_seed % 2**32)
+    torch.manual_seed(worker_seed)
+
+
+def load_data(spec: JobSpec, tokenizer):
+    """Tokenized samples, the batch plan and the per-sample count of target tokens (after the causal shift)."""
+    from .data import BatchPlan, prepare_samples
+
+    samples = prepare_samples(spec.data, tokenizer)
+    targets = [sum(1 for label in s["labels"][1:] if label != -100) for s in samples]
+    plan = BatchPlan(len(samples), spec.global_batch_size, seed=spec.training.seed, shuffle=spec.data.shuffle)
+    return samples, targets, plan
+
+
+def autocast(spec: JobSpec, device: torch.device):
+    """bf16/fp16 autocast for matmuls where the device is fast at them; float32 runs without autocast."""
+    from .model import torch_dtype
+
+    dtype = torch_dtype(spec.training.dtype, device)
+    if dtype == torch.float32:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def resume(strategy, ctx: WorkerContext) -> int:
+    """Restore adapter, optimizer, scheduler and RNG from Ray Train's latest checkpoint; return the step to start at."""
+    import ray.train
+
+    from .checkpoint import load_training_state, set_rng_state
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        state = load_training_state(directory, ctx.rank)
+    strategy.load_adapter_state(state["adapter"])
+    strategy.load_optimizer_state(state["optimizer"])
+    if state["rng"] is not None:
+        set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def publish(channel, metrics: dict[str, Any], ctx: WorkerContext) -> None:
+    """Send rank 0's step metrics to the driver without waiting.
+
+    `ray.train.report` synchronizes all ranks through an actor barrier; doing that every step cost more than the
+    step itself on the default job, so per-step progress takes this one-way path and Ray Train only sees
+    checkpoint steps.
+    """
+    if channel is not None and ctx.rank == 0:
+        channel.actor.put_nowait.remote(metrics)
+
+
+def save_and_report(metrics: dict[str, Any], strategy, spec: JobSpec, ctx: WorkerContext) -> None:
+    """Write this worker's share of a checkpoint and report it (with the step's metrics) to Ray Train."""
+    import ray.train
+
+    from .checkpoint import save_checkpoint
+    directory = tempfile.mkdtemp(prefix=f"lorafleet-ckpt-{metrics['step']}-")
+    try:
+        adapter = strategy.adapter_state()
+        save_checkpoint(
+            directory,
+            rank=ctx.rank,
+            step=metrics["step"],
+            adapter_state=adapter,
+            peft_model=strategy.peft_model,
+            optimizer_state=strategy.optimizer_state() if adapter is not None else None,
+            info={"job": spec.name, "loss": metrics["loss"]},
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point.
+
+    `config` carries `spec` (the validated spec as JSON), `base` (directory or hub id of the base model) and
+    optionally `channel` (a `ray.util.queue.Queue` the driver reads step metrics from).
+    """
+    from .model import build_model, load_tokenizer_for
+    from .data import collate
+    from .strategy import make_strategy
+
+    spec = spec_from_json(config["spec"])
+    ctx = _context()
+    seed_everything(spec.training.seed, ctx.rank)
+    tokenizer = load_tokenizer_for(config["base"], spec.model.trust_remote_code)
+    samples, targets, plan = load_data(spec, tokenizer)
+    model, kernels = build_model(spec, config["base"], ctx.device)
+    strategy = make_strategy(model, spec, ctx.device)
+    start_step = resume(strategy, ctx)
+    channel = config.get("channel")
+
+    t = spec.training
+    every = spec.checkpoint.every_n_steps
+    for step in range(start_step, t.steps):
+        started = time.perf_counter()
+        micro_batches = plan.micro_batches(step, ctx.rank, ctx.world_size, t.micro_batch_size, t.grad_accum)
+        local_targets = sum(targets[i] for mb in micro_batches for i in mb)
+        local_tokens = sum(len(samples[i]["input_ids"]) for mb in micro_batches for i in mb)
+        global_targets, global_tokens = _all_reduce_sum([local_targets, local_tokens], ctx.device)
+        # Normalizing by the global target count (not per micro-batch or per worker) makes the gradient the
+        # token-mean over the whole global batch, so 1 worker x 2 accumulations == 2 workers x 1.
+        scale = ctx.world_size / max(global_targets, 1.0)
+        loss_sum = 0.0
+        for i, indices in enumerate(micro_batches):
+            batch = collate([samples[j] for j in indices], tokenizer.pad_token_id)
+            batch = {k: v.to(ctx.device) for k, v in batch.items() if v is not None}
+            with strategy.accumulate(last_micro_batch=i == len(micro_batches) - 1), autocast(spec, ctx.device):
+                token_loss, _ = strategy.module(**batch)
+                strategy.backward(token_loss * scale)
+            loss_sum += float(token_loss.detach())
+        (global_loss_sum,) = _all_reduce_sum([loss_sum], ctx.device)
+        loss = global_loss_sum / max(global_targets, 1.0)
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss became {loss} at step {step + 1}; stopped (the last good checkpoint is kept). "
+                "Lower training.learning_rate or check the data."
+            )
+        lr = strategy.lr
+        grad_norm = strategy.step()
+        elapsed = time.perf_counter() - started
+        done = step + 1
+        metrics = {
+            "step": done,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": global_tokens / elapsed,
+            "step_time_s": elapsed,
+            "start_step": start_step,
+            "total_steps": t.steps,
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        if step == start_step:
+            metrics["kernels"] = kernels
+        publish(channel, metrics, ctx)
+        if done % every == 0 or done == t.steps:
+            save_and_report(metrics, strategy, spec, ctx)

@@ -1,0 +1,38 @@
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# The Triton interpreter must be on before any @triton.jit function is defined (STACK-NOTES).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+# Materialized models and default run storage go to a throwaway home unless CI already chose one.
+os.environ.setdefault("LORAFLEET_HOME", tempfile.mkdtemp(prefix="lorafleet-test-home-"))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS = REPO / "jobs"
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `lorafleet ARGS` in a fresh interpreter, the way a user does."""
+    return subprocess.run(
+        [sys.executable, "-m", "lorafleet.cli", *args],
+        cwd=cwd or REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def default_job() -> Path:
+    return JOBS / "llama.yaml"
