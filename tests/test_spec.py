@@ -147,6 +147,6 @@ def test_cli_refuses_a_missing_spec_file(cli, tmp_path):
 
 
 def test_cli_validate_prints_resolved_spec(cli):
-    result = cli("validate", str(JOBS / "llama.yaml"), "--set", "training.steps=7")
+    result = cli("validate", str(JOBS / "llama.yaml"), "--set", "training.steps=17")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["training"]["steps"] == 7
+    assert json.loads(result.stdout)["training"]["steps"] == 17
