@@ -36,11 +36,15 @@ class RunSummary:
     adapter_uri: Optional[str] = None
     kernels: dict[str, int] = field(default_factory=dict)
     error: Optional[str] = None
+    # A re-submitted run whose latest checkpoint already reached `training.steps`: nothing was trained.
+    already_complete: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         if out["error"] is None:
             out.pop("error")
+        if not out["already_complete"]:
+            out.pop("already_complete")
         return out
 
 
@@ -151,6 +155,7 @@ def run_job(
     address: Optional[str] = None,
     on_progress: Optional[ProgressFn] = None,
     verbose: bool = False,
+    fresh: bool = False,
 ) -> RunSummary:
     """Run a job to the end and summarize it.
 
@@ -163,6 +168,10 @@ def run_job(
             Called on the driver with each step's metrics (`step`, `loss`, `lr`, `tokens_per_s`, ...).
         verbose (`bool`, *optional*, defaults to `False`):
             Forward Ray's and the workers' logs.
+        fresh (`bool`, *optional*, defaults to `False`):
+            Delete the run's stored checkpoints first and start over. By default a job re-submitted with the same
+            `name` and `checkpoint.storage` resumes from its latest complete checkpoint (adapter, optimizer,
+            scheduler, RNG and data position); `start_step` in the summary says where it started.
 
     Returns:
         [`RunSummary`]: `status` is `succeeded` or `failed` (with `error`).
@@ -180,9 +189,14 @@ def run_job(
     from ray.util.queue import Queue
 
     prepared = prepare(spec)
+    if fresh:
+        from .storage import delete_run
+
+        delete_run(spec.storage_uri, spec.name, spec.checkpoint.endpoint)
     start_ray(address, verbose)
     channel = Queue(actor_options={"num_cpus": 0})
     history: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []  # {"event": "complete" | "fatal", ...} from the workers, not step metrics
     stop = threading.Event()
 
     def pump() -> None:
@@ -190,6 +204,9 @@ def run_job(
             try:
                 item = channel.get(timeout=0.2)
             except (_queue.Empty, Exception):
+                continue
+            if "event" in item:
+                events.append(item)
                 continue
             history.append(item)
             if on_progress is not None:
@@ -221,10 +238,21 @@ def run_job(
         for item in history:
             if "kernels" in item:
                 summary.kernels = dict(item["kernels"])
+    for event in events:
+        if event["event"] == "fatal" and summary.status == "succeeded":
+            # The workers stopped without Ray Train's restarts (a deterministic failure such as a NaN loss).
+            summary.status, summary.error = "failed", event["error"]
+        elif event["event"] == "complete" and not history:
+            summary.already_complete = True
+            summary.steps = summary.start_step = int(event["step"])
+    if history:
+        from .monitoring import write_run_artifacts
+
+        write_run_artifacts(spec, history)  # metrics.jsonl + loss.png next to the checkpoints; never raises
     if result is not None and result.checkpoint is not None:
         from .storage import display_uri
 
         summary.adapter_uri = display_uri(spec.storage_uri, result.checkpoint.path)
-    elif summary.status == "succeeded":
+    elif summary.status == "succeeded" and not summary.already_complete:
         summary.status, summary.error = "failed", "the run finished without a checkpoint"
     return summary

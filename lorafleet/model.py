@@ -310,14 +310,7 @@ class LossModule(torch.nn.Module):
         self.fused_loss = fused_loss
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
-        try:  # TEMP until kernels.loss lands
-            from .kernels.loss import lm_loss
-        except ImportError:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-            logits = out.logits[:, :-1].float()
-            tgt = labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum", ignore_index=-100)
-            return loss, (tgt != -100).sum()
+        from .kernels.loss import lm_loss
 
         return lm_loss(
             self.model,

@@ -82,19 +82,49 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def resume(strategy, ctx: WorkerContext) -> int:
-    """Restore adapter, optimizer, scheduler and RNG from Ray Train's latest checkpoint; return the step to start at."""
+def _checkpoint_candidates():
+    """Ray Train's latest checkpoint, then the older checkpoint folders of the same run, newest first."""
     import ray.train
 
-    from .checkpoint import load_training_state, set_rng_state
+    from .storage import list_checkpoint_dirs
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return []
+    run_path = latest.path.rstrip("/").rsplit("/", 1)[0]
+    older = [p for p in list_checkpoint_dirs(latest.filesystem, run_path) if p.rstrip("/") < latest.path.rstrip("/")]
+    return [latest] + [ray.train.Checkpoint(path=p, filesystem=latest.filesystem) for p in reversed(older)]
+
+
+def resume(strategy, ctx: WorkerContext) -> int:
+    """Restore adapter, optimizer, scheduler and RNG from the run's latest complete checkpoint; return the step to start at.
+
+    Ray Train hands over the latest *registered* checkpoint (one that every worker finished uploading). It is
+    still verified file by file ([`~lorafleet.checkpoint.is_complete`]): should it have been damaged in storage,
+    the previous complete checkpoint is used instead. Rank 0 chooses and tells the others, so all ranks resume
+    from the same one.
+    """
+    from .checkpoint import is_complete, load_training_state, set_rng_state
+
+    candidates = _checkpoint_candidates()
+    choice = [None]
+    if ctx.rank == 0:
+        for index, candidate in enumerate(candidates):
+            with candidate.as_directory() as directory:
+                if is_complete(directory):
+                    choice[0] = index
+                    break
+            print(f"lorafleet: checkpoint {candidate.path.rsplit('/', 1)[-1]} is incomplete; trying an older one", flush=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
         return 0
-    with checkpoint.as_directory() as directory:
+    with candidates[choice[0]].as_directory() as directory:
         state = load_training_state(directory, ctx.rank)
     strategy.load_adapter_state(state["adapter"])
     strategy.load_optimizer_state(state["optimizer"])
+    if state["optimizer_shard"] is not None:
+        strategy.load_optimizer_shard(state["optimizer_shard"])
     if state["rng"] is not None:
         set_rng_state(state["rng"])
     return int(state["step"])
@@ -112,10 +142,18 @@ def publish(channel, metrics: dict[str, Any], ctx: WorkerContext) -> None:
 
 
 def save_and_report(metrics: dict[str, Any], strategy, spec: JobSpec, ctx: WorkerContext) -> None:
-    """Write this worker's share of a checkpoint and report it (with the step's metrics) to Ray Train."""
+    """Write this worker's share of a checkpoint and report it (with the step's metrics) to Ray Train.
+
+    The upload runs in Ray Train's background thread (`checkpoint_upload_mode=ASYNC`) while training continues, with
+    [`~lorafleet.storage.upload_checkpoint`] retrying failed copies; Ray deletes the local folder once uploaded, so
+    it lives in a fresh temporary directory rather than a context manager's.
+    """
     import ray.train
+    from ray.train import CheckpointUploadMode
 
     from .checkpoint import save_checkpoint
+    from .storage import upload_checkpoint
+
     directory = tempfile.mkdtemp(prefix=f"lorafleet-ckpt-{metrics['step']}-")
     try:
         adapter = strategy.adapter_state()
@@ -126,11 +164,62 @@ def save_and_report(metrics: dict[str, Any], strategy, spec: JobSpec, ctx: Worke
             adapter_state=adapter,
             peft_model=strategy.peft_model,
             optimizer_state=strategy.optimizer_state() if adapter is not None else None,
+            optimizer_shard=strategy.optimizer_shard(),
+            world_size=ctx.world_size,
             info={"job": spec.name, "loss": metrics["loss"]},
         )
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-    finally:
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+            checkpoint_upload_fn=upload_checkpoint,
+        )
+    except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def stop_without_retry(channel, error: Exception, ctx: WorkerContext) -> bool:
+    """Tell the driver the run failed for good (e.g. a non-finite loss) so it ends without Ray Train's restarts.
+
+    Ray Train retries every worker error up to `scaling.max_failures` times, and a deterministic failure such as a
+    NaN loss would only recur from the same checkpoint. So rank 0 hands the error to the driver and every rank
+    returns normally (all ranks see the same all-reduced loss). Returns `False` when there is no driver channel to
+    tell, in which case the caller raises.
+    """
+    if channel is None:
+        return False
+    if ctx.rank == 0:
+        import ray
+
+        # Waited for: the driver must have the error before fit() returns.
+        ray.get(channel.actor.put.remote({"event": "fatal", "error": f"{type(error).__name__}: {error}"}))
+    return True
+
+
+def _test_fault(step: int, ctx: WorkerContext) -> Optional[str]:
+    """Fault injection for lorafleet's own tests, inert unless a `LORAFLEET_TEST_*` variable is set.
+
+    `LORAFLEET_TEST_KILL_AT_STEP=k`: worker `LORAFLEET_TEST_KILL_RANK` (default 1) SIGKILLs itself before step k, once
+    (guarded by the file `LORAFLEET_TEST_KILL_ONCE_FILE`). `LORAFLEET_TEST_NAN_AT_STEP=k`: step k's loss reads as NaN
+    (returns "nan"). `LORAFLEET_TEST_STOP_AFTER_STEP=k`: stop cleanly after step k's checkpoint, like a preempted job
+    (returns "stop").
+    """
+    done = step + 1
+    kill_at = os.environ.get("LORAFLEET_TEST_KILL_AT_STEP")
+    if kill_at and done == int(kill_at) and ctx.rank == int(os.environ.get("LORAFLEET_TEST_KILL_RANK", "1")):
+        marker = os.environ.get("LORAFLEET_TEST_KILL_ONCE_FILE")
+        if marker is None or not os.path.exists(marker):
+            if marker is not None:
+                open(marker, "w").close()
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("LORAFLEET_TEST_NAN_AT_STEP") == str(done):
+        return "nan"
+    if os.environ.get("LORAFLEET_TEST_STOP_AFTER_STEP") == str(done):
+        return "stop"
+    return None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -141,6 +230,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """
     from .model import build_model, load_tokenizer_for
     from .data import collate
+    from .monitoring import export_step
     from .strategy import make_strategy
 
     spec = spec_from_json(config["spec"])
@@ -155,7 +245,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     t = spec.training
     every = spec.checkpoint.every_n_steps
+    if start_step >= t.steps and channel is not None and ctx.rank == 0:
+        import ray
+
+        ray.get(channel.actor.put.remote({"event": "complete", "step": start_step, "start_step": start_step}))
     for step in range(start_step, t.steps):
+        fault = _test_fault(step, ctx)
         started = time.perf_counter()
         micro_batches = plan.micro_batches(step, ctx.rank, ctx.world_size, t.micro_batch_size, t.grad_accum)
         local_targets = sum(targets[i] for mb in micro_batches for i in mb)
@@ -173,12 +268,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 strategy.backward(token_loss * scale)
             loss_sum += float(token_loss.detach())
         (global_loss_sum,) = _all_reduce_sum([loss_sum], ctx.device)
-        loss = global_loss_sum / max(global_targets, 1.0)
+        loss = global_loss_sum / max(global_targets, 1.0) if fault != "nan" else float("nan")
         if not math.isfinite(loss):
-            raise NonFiniteLossError(
+            error = NonFiniteLossError(
                 f"training loss became {loss} at step {step + 1}; stopped (the last good checkpoint is kept). "
                 "Lower training.learning_rate or check the data."
             )
+            if stop_without_retry(channel, error, ctx):
+                return
+            raise error
         lr = strategy.lr
         grad_norm = strategy.step()
         elapsed = time.perf_counter() - started
@@ -197,5 +295,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step == start_step:
             metrics["kernels"] = kernels
         publish(channel, metrics, ctx)
+        export_step(metrics, spec.name, ctx.rank)  # Ray metric gauges (rank 0 only), see lorafleet/monitoring.py
         if done % every == 0 or done == t.steps:
             save_and_report(metrics, strategy, spec, ctx)
+            if fault == "stop":
+                return

@@ -150,3 +150,16 @@ def test_cli_validate_prints_resolved_spec(cli):
     result = cli("validate", str(JOBS / "llama.yaml"), "--set", "training.steps=17")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["training"]["steps"] == 17
+
+
+def test_jobs_readme_reference_is_current():
+    from lorafleet.spec import spec_reference
+
+    text = (JOBS / "README.md").read_text()
+    generated = text.split("<!-- spec-doc:begin -->\n", 1)[1].split("<!-- spec-doc:end -->", 1)[0]
+    assert generated.strip() == spec_reference().strip(), "run: lorafleet spec-doc, and paste into jobs/README.md"
+
+
+def test_every_shipped_job_validates():
+    for path in JOBS.glob("*.yaml"):
+        load_spec(path)

@@ -1,0 +1,434 @@
+"""Fused LoRA blocks as custom autograd Functions: the gated MLP, the Q/K/V projections and the O projection.
+
+Each projection is `base(x) + scaling * B(A(dropout(x)))` where `base` is a frozen `torch.nn.Linear` or a
+bitsandbytes `Linear4bit` (NF4/FP4). A 4-bit weight is dequantized on the fly with
+`bitsandbytes.functional.dequantize_4bit` in the forward and again in the backward; the dequantized copy is a
+temporary, never stored on the module or saved for backward.
+
+What is saved for backward is only what the gradients need: the block input `x` (in its own dtype; the fp32 copy
+for the LoRA path is re-made in backward, the bf16 -> fp32 cast being exact), the rank-`r` LoRA activations
+`x @ A^T` and, for the MLP, the gate and up projections (the activation itself is recomputed). One backward per
+block returns the gradient of `x` and of every LoRA A/B; base weights and biases are frozen (no gradient).
+
+Dtypes follow PEFT so that the fused path computes the same numbers as PEFT's layers:
+
+- without autocast, the base matmul runs in the base layer's compute dtype (bnb `compute_dtype`, or the weight's
+  dtype), the LoRA path in the LoRA weights' dtype (PEFT keeps adapters in fp32 on a bf16 model), and the LoRA
+  output is cast to the base output's dtype before the sum;
+- under `torch.autocast`, both run in the autocast dtype.
+
+Dropout: PEFT applies an independent dropout module per projection to that projection's LoRA input. The fused
+path calls the *same* modules, in the same order as PEFT's forward (q, k, v; gate, up, down), on a tensor of ones
+of the shape and dtype PEFT would drop, which draws the same random numbers and yields the scaled keep-mask
+(`dropout(x) == x * dropout(ones)`); the masks are applied inside the Functions.
+
+The backward of these Functions overwrites some saved tensors in place (gate/up buffers receive their
+gradients), so they support one backward per forward (no `retain_graph=True` double backward).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+# Looked up through the module at call time, so a test that re-imports `activations` under TRITON_INTERPRET=1
+# (kernels must be defined after the variable is set) reaches the re-defined kernels.
+from . import activations as _act
+
+
+_CPU_HALF_NATIVE: Optional[bool] = None
+
+
+def cpu_half_matmul_is_native() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16), per `/proc/cpuinfo`.
+
+    Override with `LORAFLEET_CPU_BF16_MATMUL=1` (native) or `=0` (upcast). On the AVX2-only AMD EPYC these tests
+    ran on, a 512^3 bf16 matmul ran at 1.1 GFLOP/s against 15 GFLOP/s in fp32 (oneDNN has no bf16 kernel there),
+    so there the fused paths upcast bf16 operands to fp32 for matmuls: exact inputs, fp32 accumulation as in a
+    bf16 GEMM, only the intermediate rounding to bf16 is skipped.
+    """
+    global _CPU_HALF_NATIVE
+    env = os.environ.get("LORAFLEET_CPU_BF16_MATMUL")
+    if env is not None:
+        return env not in ("0", "false", "False", "")
+    if _CPU_HALF_NATIVE is None:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                flags = next((line for line in fh if line.startswith("flags")), "").split()
+            _CPU_HALF_NATIVE = "amx_bf16" in flags or "avx512_bf16" in flags
+        except OSError:
+            _CPU_HALF_NATIVE = False
+    return _CPU_HALF_NATIVE
+
+
+def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype to run a matmul of `dtype` operands in on `device` (fp32 for bf16/fp16 on CPUs without native
+    bf16 GEMMs, else `dtype` itself).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> matmul_dtype(torch.float32, torch.device("cpu"))
+    torch.float32
+
+    ```
+    """
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_half_matmul_is_native():
+        return torch.float32
+    return dtype
+
+
+def _is_4bit(base: nn.Module) -> bool:
+    return getattr(base.weight, "quant_state", None) is not None
+
+
+def _base_compute_dtype(base: nn.Module, x_dtype: torch.dtype) -> torch.dtype:
+    if _is_4bit(base):
+        return getattr(base, "compute_dtype", None) or x_dtype
+    return base.weight.dtype
+
+
+def dequantized_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The base layer's weight as a dense `[out, in]` tensor of `dtype` (a temporary for 4-bit layers).
+
+    Args:
+        base (`nn.Module`): A `torch.nn.Linear` or a bitsandbytes `Linear4bit`.
+        dtype (`torch.dtype`): The dtype wanted.
+
+    Returns:
+        `torch.Tensor`: The weight itself when it is already dense in `dtype`, else a new tensor.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> lin = torch.nn.Linear(4, 3)
+    >>> dequantized_weight(lin, torch.float32) is lin.weight
+    True
+
+    ```
+    """
+    weight = base.weight
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        import bitsandbytes.functional as bnbf
+
+        weight = bnbf.dequantize_4bit(weight.data, state)
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+@dataclass
+class LoRAProjection:
+    """What the fused Functions need from one PEFT `lora.Linear` (read at call time, so never stale).
+
+    Attributes:
+        base (`nn.Module`): The frozen base layer (`nn.Linear` or bnb `Linear4bit`).
+        lora_A (`torch.Tensor`): `[r, in]` weight of the active adapter's A.
+        lora_B (`torch.Tensor`): `[out, r]` weight of the active adapter's B.
+        scaling (`float`): PEFT's `lora_alpha / r` (or rsLoRA's) for the adapter.
+        dropout (`nn.Module`): The adapter's dropout module (`nn.Identity` when `lora_dropout == 0`).
+    """
+
+    base: nn.Module
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    dropout: nn.Module
+
+    @classmethod
+    def from_peft(cls, layer: nn.Module) -> "LoRAProjection":
+        """Read the single active adapter of a PEFT LoRA layer."""
+        adapter = layer.active_adapters[0]
+        return cls(
+            base=layer.get_base_layer(),
+            lora_A=layer.lora_A[adapter].weight,
+            lora_B=layer.lora_B[adapter].weight,
+            scaling=float(layer.scaling[adapter]),
+            dropout=layer.lora_dropout[adapter],
+        )
+
+    def noise(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+        """The scaled keep-mask PEFT's dropout would apply to a LoRA input of `shape`/`dtype`, or None."""
+        drop = self.dropout
+        if isinstance(drop, nn.Identity) or not drop.training or getattr(drop, "p", 0.0) == 0.0:
+            return None
+        return drop(torch.ones(shape, dtype=dtype, device=device))
+
+
+def _dtypes(x: torch.Tensor, proj: LoRAProjection) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """(base compute dtype, LoRA dtype, output dtype) for input `x`, following PEFT (see module doc)."""
+    if torch.is_autocast_enabled(x.device.type):
+        ac = torch.get_autocast_dtype(x.device.type)
+        return matmul_dtype(ac, x.device), matmul_dtype(ac, x.device), ac
+    cd = matmul_dtype(_base_compute_dtype(proj.base, x.dtype), x.device)
+    return cd, matmul_dtype(proj.lora_A.dtype, x.device), x.dtype
+
+
+def _base_linear(x_c: torch.Tensor, base: nn.Module, cd: torch.dtype) -> torch.Tensor:
+    bias = base.bias
+    return torch.nn.functional.linear(x_c, dequantized_weight(base, cd), None if bias is None else bias.to(cd))
+
+
+def _masked(x: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if noise is None else x * noise
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class LoRAProjectionsFunction(torch.autograd.Function):
+    """`y_i = base_i(x) + s_i * B_i A_i (x * noise_i)` for projections sharing the input `x` (Q/K/V, or O alone).
+
+    `forward(ctx, x, projs, dtypes, *tensors)` with `tensors = (A_1, B_1, noise_1, ..., A_n, B_n, noise_n)`;
+    returns the n outputs. Use [`lora_qkv`] / [`lora_o`] rather than calling this directly.
+    """
+
+    @staticmethod
+    def forward(ctx, x, projs, dtypes, *tensors):
+        cd, ld, od = dtypes
+        n = len(projs)
+        x2 = x.reshape(-1, x.shape[-1])
+        x_c = _cast(x2, cd)
+        x_l = _cast(x2, ld)
+        outs, acts = [], []
+        with torch.autocast(x.device.type, enabled=False):
+            for i in range(n):
+                a_w, b_w, noise = tensors[3 * i : 3 * i + 3]
+                y = _cast(_base_linear(x_c, projs[i].base, cd), od)
+                a = _masked(x_l, noise) @ _cast(a_w, ld).t()
+                lora = (a @ _cast(b_w, ld).t()).mul_(projs[i].scaling)
+                outs.append((y + _cast(lora, od)).view(*x.shape[:-1], -1))
+                acts.append(a)
+        ctx.projs, ctx.dtypes, ctx.x_shape = projs, dtypes, x.shape
+        ctx.save_for_backward(x2, *acts, *tensors)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # Backward may run inside the caller's autocast region (CPU autograd runs on the calling thread):
+        # dtypes are explicit here, so autocast is switched off.
+        with torch.autocast(next(g for g in grads if g is not None).device.type, enabled=False):
+            return LoRAProjectionsFunction._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, *grads):
+        cd, ld, od = ctx.dtypes
+        projs = ctx.projs
+        n = len(projs)
+        saved = ctx.saved_tensors
+        x2, acts, tensors = saved[0], saved[1 : 1 + n], saved[1 + n :]
+        x_l = _cast(x2, ld)
+        dx_base = None
+        dx_lora = None
+        out_grads: list = []
+        for i in range(n):
+            a_w, b_w, noise = tensors[3 * i : 3 * i + 3]
+            g = grads[i]
+            if g is None:
+                out_grads += [None, None, None]
+                continue
+            g = g.reshape(-1, g.shape[-1])
+            s = projs[i].scaling
+            w = dequantized_weight(projs[i].base, cd)
+            g_c = _cast(g, cd)
+            dx_base = g_c @ w if dx_base is None else dx_base.addmm_(g_c, w)
+            g_l = _cast(g, ld)
+            a_l, b_l = _cast(a_w, ld), _cast(b_w, ld)
+            d_b = (g_l.t() @ acts[i]).mul_(s)
+            t = (g_l @ b_l).mul_(s)
+            d_a = t.t() @ _masked(x_l, noise)
+            d_xl = _masked(t @ a_l, noise)
+            dx_lora = d_xl if dx_lora is None else dx_lora.add_(d_xl)
+            out_grads += [_cast(d_a, a_w.dtype), _cast(d_b, b_w.dtype), None]
+        dx = None
+        if ctx.needs_input_grad[0] and dx_base is not None:
+            dx = _cast(dx_base, x2.dtype) + _cast(dx_lora, x2.dtype)
+            dx = dx.view(ctx.x_shape)
+        return (dx, None, None, *out_grads)
+
+
+class LoRAMLPFunction(torch.autograd.Function):
+    """The gated LoRA MLP `down(act(gate(x)) * up(x))`, each projection `base + s * B A (dropout(.))`.
+
+    `forward(ctx, x, projs, dtypes, activation, A_g, B_g, n_g, A_u, B_u, n_u, A_d, B_d, n_d)`.
+    Saves `x`, the gate and up outputs and the three rank-r LoRA activations; the backward recomputes
+    `act(gate) * up` and writes gradients into the gate/up buffers (see [`~lorafleet.kernels.activations.gated_backward`]).
+    Use [`lora_mlp`] rather than calling this directly.
+    """
+
+    @staticmethod
+    def forward(ctx, x, projs, dtypes, activation, a_g, b_g, n_g, a_u, b_u, n_u, a_d, b_d, n_d):
+        cd, ld, od = dtypes
+        gate, up, down = projs
+        x2 = x.reshape(-1, x.shape[-1])
+        with torch.autocast(x.device.type, enabled=False):
+            x_c = _cast(x2, cd)  # one cast shared by gate and up (PEFT/bnb cast once per projection)
+            x_l = _cast(x2, ld)
+            acts = []
+            hid = []
+            for proj, a_w, b_w, noise in ((gate, a_g, b_g, n_g), (up, a_u, b_u, n_u)):
+                y = _cast(_base_linear(x_c, proj.base, cd), od)
+                a = _masked(x_l, noise) @ _cast(a_w, ld).t()
+                y = y + _cast((a @ _cast(b_w, ld).t()).mul_(proj.scaling), od)
+                acts.append(a)
+                hid.append(y)
+            g, u = hid
+            h = _act.gated_forward(g, u, activation)
+            h_l = _masked(_cast(h, ld), None if n_d is None else n_d.reshape(h.shape))
+            a_dn = h_l @ _cast(a_d, ld).t()
+            out = _cast(_base_linear(_cast(h, cd), down.base, cd), od)
+            out = out + _cast((a_dn @ _cast(b_d, ld).t()).mul_(down.scaling), od)
+        ctx.projs, ctx.dtypes, ctx.activation, ctx.x_shape = projs, dtypes, activation, x.shape
+        ctx.save_for_backward(x2, g, u, acts[0], acts[1], a_dn, a_g, b_g, n_g, a_u, b_u, n_u, a_d, b_d, n_d)
+        return out.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):  # explicit dtypes, see LoRAProjectionsFunction
+            return LoRAMLPFunction._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
+        cd, ld, od = ctx.dtypes
+        gate, up, down = ctx.projs
+        x2, g, u, act_g, act_u, act_d, a_g, b_g, n_g, a_u, b_u, n_u, a_d, b_d, n_d = ctx.saved_tensors
+        dy = grad.reshape(-1, grad.shape[-1])
+        n_d2 = None if n_d is None else n_d.reshape(g.shape)
+
+        # Down projection: gradient of h = act(g) * u, base part plus LoRA part.
+        dh = _cast(_cast(dy, cd) @ dequantized_weight(down.base, cd), od)
+        dy_l = _cast(dy, ld)
+        d_bd = (dy_l.t() @ act_d).mul_(down.scaling)
+        t_d = (dy_l @ _cast(b_d, ld)).mul_(down.scaling)
+        dh = dh.add_(_cast(_masked(t_d @ _cast(a_d, ld), n_d2), od))
+        if not dh.is_contiguous():
+            dh = dh.contiguous()
+
+        # In place: dh <- h (recomputed), g <- dL/dg, u <- dL/du.
+        h, dg, du = _act.gated_backward(dh, g, u, ctx.activation)
+        d_ad = t_d.t() @ _masked(_cast(h, ld), n_d2)
+
+        x_l = _cast(x2, ld)
+        dx_base = None
+        dx_lora = None
+        grads = []
+        for proj, dproj, act, a_w, b_w, noise in ((gate, dg, act_g, a_g, b_g, n_g), (up, du, act_u, a_u, b_u, n_u)):
+            d_c = _cast(dproj, cd)
+            w = dequantized_weight(proj.base, cd)
+            dx_base = d_c @ w if dx_base is None else dx_base.addmm_(d_c, w)
+            d_l = _cast(dproj, ld)
+            d_b = (d_l.t() @ act).mul_(proj.scaling)
+            t = (d_l @ _cast(b_w, ld)).mul_(proj.scaling)
+            noise2 = None if noise is None else noise.reshape(x_l.shape)
+            d_a = t.t() @ _masked(x_l, noise2)
+            d_xl = _masked(t @ _cast(a_w, ld), noise2)
+            dx_lora = d_xl if dx_lora is None else dx_lora.add_(d_xl)
+            grads += [_cast(d_a, a_w.dtype), _cast(d_b, b_w.dtype), None]
+        dx = (_cast(dx_base, x2.dtype) + _cast(dx_lora, x2.dtype)).view(ctx.x_shape)
+        return (dx, None, None, None, *grads, _cast(d_ad, a_d.dtype), _cast(d_bd, b_d.dtype), None)
+
+
+def _noises(projs, x: torch.Tensor, ld_drop: torch.dtype, shapes) -> list[Optional[torch.Tensor]]:
+    return [p.noise(shape, ld_drop, x.device) for p, shape in zip(projs, shapes)]
+
+
+def _drop_dtype(x: torch.Tensor, proj: LoRAProjection) -> torch.dtype:
+    # PEFT drops the LoRA input after casting it to the adapter dtype (no autocast) or as-is (autocast).
+    if torch.is_autocast_enabled(x.device.type):
+        return x.dtype
+    return proj.lora_A.dtype
+
+
+def lora_qkv(
+    x: torch.Tensor, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q, K and V of `x` through three PEFT LoRA layers with one fused Function (one backward for the block).
+
+    Args:
+        x (`torch.Tensor`): `[..., hidden]` attention input.
+        q_proj, k_proj, v_proj (`peft.tuners.lora.LoraLayer`): LoRA layers with one active adapter each, over a
+            frozen `nn.Linear` or bnb `Linear4bit` (biases allowed, frozen).
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor, torch.Tensor]`: The three projections, `[..., out_i]`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from peft import LoraConfig, get_peft_model
+    >>> class Attn(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(8, 8) for _ in range(3))
+    >>> m = get_peft_model(Attn(), LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"]))
+    >>> inner = m.base_model.model
+    >>> q, k, v = lora_qkv(torch.randn(2, 3, 8), inner.q_proj, inner.k_proj, inner.v_proj)
+    >>> q.shape
+    torch.Size([2, 3, 8])
+
+    ```
+    """
+    projs = tuple(LoRAProjection.from_peft(m) for m in (q_proj, k_proj, v_proj))
+    return _projections(x, projs)
+
+
+def lora_o(x: torch.Tensor, o_proj: nn.Module) -> torch.Tensor:
+    """The attention output projection through a PEFT LoRA layer as one fused Function. See [`lora_qkv`]."""
+    return _projections(x, (LoRAProjection.from_peft(o_proj),))[0]
+
+
+def _projections(x: torch.Tensor, projs: tuple[LoRAProjection, ...]) -> tuple[torch.Tensor, ...]:
+    dtypes = _dtypes(x, projs[0])
+    drop = _drop_dtype(x, projs[0])
+    noises = _noises(projs, x, drop, [x.shape] * len(projs))
+    flat: list = []
+    for p, n in zip(projs, noises):
+        flat += [p.lora_A, p.lora_B, None if n is None else _cast(n, dtypes[1]).reshape(-1, x.shape[-1])]
+    return LoRAProjectionsFunction.apply(x, projs, dtypes, *flat)
+
+
+def lora_mlp(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, activation: str) -> torch.Tensor:
+    """`down(act(gate(x)) * up(x))` over three PEFT LoRA layers, as one fused autograd Function.
+
+    Args:
+        x (`torch.Tensor`): `[..., hidden]` MLP input.
+        gate_proj, up_proj, down_proj (`peft.tuners.lora.LoraLayer`): LoRA layers, one active adapter each.
+        activation (`str`): `silu` (SwiGLU), `gelu` (exact GeGLU) or `gelu_tanh` (tanh-approximated GeGLU).
+
+    Returns:
+        `torch.Tensor`: `[..., hidden]`.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from peft import LoraConfig, get_peft_model
+    >>> class MLP(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.gate_proj, self.up_proj = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16)
+    ...         self.down_proj = torch.nn.Linear(16, 8)
+    >>> m = get_peft_model(MLP(), LoraConfig(r=2, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    >>> inner = m.base_model.model
+    >>> lora_mlp(torch.randn(2, 3, 8), inner.gate_proj, inner.up_proj, inner.down_proj, "silu").shape
+    torch.Size([2, 3, 8])
+
+    ```
+    """
+    projs = tuple(LoRAProjection.from_peft(m) for m in (gate_proj, up_proj, down_proj))
+    dtypes = _dtypes(x, projs[0])
+    inter = projs[0].lora_B.shape[0]
+    drop = _drop_dtype(x, projs[0])
+    # Same order as PEFT's MLP forward: gate's dropout, then up's, then down's.
+    noises = _noises(projs, x, drop, [x.shape, x.shape, (*x.shape[:-1], inter)])
+    flat = []
+    for p, n in zip(projs, noises):
+        flat += [p.lora_A, p.lora_B, None if n is None else _cast(n, dtypes[1]).reshape(-1, n.shape[-1])]
+    return LoRAMLPFunction.apply(x, projs, dtypes, activation, *flat)

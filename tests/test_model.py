@@ -1,0 +1,115 @@
+"""Model building, 4-bit determinism and the adapter-only checkpoint round trip (no Ray)."""
+
+import torch
+from safetensors.torch import load_file
+
+from lorafleet.checkpoint import is_complete, load_training_state, save_checkpoint, set_rng_state
+from lorafleet.data import collate, prepare_samples
+from lorafleet.model import build_model, fast_bf16, load_tokenizer_for, materialize, resolve_base_model, torch_dtype
+from lorafleet.spec import ModelSpec, load_spec
+from lorafleet.strategy import DDPStrategy
+
+from conftest import JOBS
+
+SMALL = ["model.config={num_hidden_layers: 2}", "kernels.enabled=false", "training.dtype=float32", "model.dtype=float32"]
+
+
+def small_spec(*extra):
+    return load_spec(JOBS / "llama.yaml", SMALL + list(extra))
+
+
+def batch_for(spec, tokenizer, n=4):
+    samples = prepare_samples(spec.data, tokenizer)[:n]
+    return {k: v for k, v in collate(samples, tokenizer.pad_token_id).items() if v is not None}
+
+
+def test_materialize_is_deterministic_and_cached(tmp_path):
+    spec = ModelSpec(architecture="llama", config={"num_hidden_layers": 1}, dtype="float32")
+    a = materialize(spec, root=tmp_path / "a")
+    b = materialize(spec, root=tmp_path / "b")
+    assert materialize(spec, root=tmp_path / "a") == a
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a / "tokenizer.json").exists() and not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]
+
+
+def test_auto_dtype_follows_the_cpu():
+    expected = torch.bfloat16 if fast_bf16("cpu") else torch.float32
+    assert torch_dtype("auto", "cpu") == expected
+    assert torch_dtype("float16") == torch.float16
+
+
+def test_4bit_forward_is_repeatable():
+    """The same forward twice on the NF4 model gives identical logits, in eval mode with no-grad inputs too: the path
+    on which bitsandbytes would otherwise repack weights in place on AVX512-BF16 CPUs."""
+    spec = small_spec()
+    base = resolve_base_model(spec)
+    model, _ = build_model(spec, base)
+    import bitsandbytes as bnb
+
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit and all(m.support_avx512bf16_for_cpu is False for m in four_bit)
+    assert all(m.weight.quant_state.quant_type == "nf4" for m in four_bit)
+    batch = batch_for(spec, load_tokenizer_for(base))
+    batch.pop("labels")
+    packed_before = [m.weight.data.clone() for m in four_bit]
+    model.eval()
+    with torch.no_grad():
+        first, second = model(**batch).logits, model(**batch).logits
+    model.train()
+    third = model(**batch).logits.detach()
+    assert torch.equal(first, second) and torch.equal(first, third)
+    assert all(torch.equal(a, m.weight.data) for a, m in zip(packed_before, four_bit))
+
+
+def _train(strategy, batch, steps):
+    losses = []
+    for _ in range(steps):
+        loss, count = strategy.module(**batch)
+        strategy.backward(loss / count)
+        strategy.step()
+        losses.append(float(loss / count))
+    return losses
+
+
+def test_checkpoint_round_trip_resumes_exactly(tmp_path):
+    """Train 3 steps, checkpoint, train 2 more; a fresh model restored from the checkpoint trains the same 2 steps
+    to bitwise the same adapter (optimizer moments, scheduler position and RNG all restored)."""
+    spec = small_spec("lora.dropout=0.1", "training.warmup=1")
+    base = resolve_base_model(spec)
+    tokenizer = load_tokenizer_for(base)
+    batch = batch_for(spec, tokenizer)
+
+    torch.manual_seed(1)
+    model, _ = build_model(spec, base)
+    strategy = DDPStrategy(model, spec, torch.device("cpu"))
+    _train(strategy, batch, 3)
+    save_checkpoint(
+        tmp_path,
+        rank=0,
+        step=3,
+        adapter_state=strategy.adapter_state(),
+        peft_model=model,
+        optimizer_state=strategy.optimizer_state(),
+        info={"job": spec.name},
+    )
+    assert is_complete(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(t.numel() for t in tensors.values()) == trainable
+    assert not any("base_layer" in k or "embed" in k for k in tensors)
+    uninterrupted = _train(strategy, batch, 2)
+    expected = strategy.adapter_state()
+
+    fresh, _ = build_model(spec, base)
+    restored = DDPStrategy(fresh, spec, torch.device("cpu"))
+    state = load_training_state(tmp_path, rank=0)
+    assert state["step"] == 3
+    restored.load_adapter_state(state["adapter"])
+    restored.load_optimizer_state(state["optimizer"])
+    set_rng_state(state["rng"])
+    assert restored.scheduler.last_epoch == 3
+    resumed = _train(restored, batch, 2)
+    assert resumed == uninterrupted
+    actual = restored.adapter_state()
+    assert all(torch.equal(actual[k], expected[k]) for k in expected)

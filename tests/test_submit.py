@@ -1,0 +1,118 @@
+"""End to end through `lorafleet submit`: the default job on 2 Ray workers, its adapter, and data-parallel math."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import JOBS, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The shipped default job, exactly as the README runs it (only storage redirected)."""
+    storage = tmp_path_factory.mktemp("runs")
+    result = run_cli("submit", str(JOBS / "llama.yaml"), "--json", "--set", f"checkpoint.storage={storage}", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    return summary, storage, result
+
+
+def test_default_job_learns(default_run):
+    summary, _, result = default_run
+    assert summary["status"] == "succeeded"
+    assert summary["steps"] == 120 and summary["start_step"] == 0
+    # Random-init base: the first loss is ~ln(vocab) = 7.6; the adapter must take a clear bite out of it.
+    assert summary["first_loss"] > 7.0
+    assert summary["final_loss"] < summary["first_loss"] - 1.5, summary
+    assert summary["tokens_per_s"] > 0
+    assert "step 120/120" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_checkpoint_is_adapter_only(default_run):
+    summary, storage, _ = default_run
+    adapter = Path(summary["adapter_uri"])
+    assert adapter.is_dir() and str(adapter).startswith(str(storage))
+    names = {p.name for p in adapter.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_state.pt", "rng_rank0.pt", "rng_rank1.pt"} <= names
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert tensors and all("lora_A" in k or "lora_B" in k for k in tensors), sorted(tensors)[:5]
+    # r=16 on 7 projections of 4 layers: A and B per projection, nothing of the frozen base.
+    assert len(tensors) == 4 * 7 * 2
+    assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k), "some lora_B never trained"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 16 and Path(config["base_model_name_or_path"], "config.json").exists()
+    # keep: 2 and every_n_steps: 40 over 120 steps -> checkpoints at 80 and 120 survive.
+    checkpoints = sorted(p for p in adapter.parent.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+    steps = sorted(json.loads((p / "lorafleet.json").read_text())["step"] for p in checkpoints)
+    assert steps == [80, 120]
+
+
+def test_adapter_loads_with_plain_peft_in_a_fresh_process(default_run):
+    summary, _, _ = default_run
+    script = textwrap.dedent(
+        f"""
+        import json, torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        adapter = {summary["adapter_uri"]!r}
+        base_path = json.load(open(adapter + "/adapter_config.json"))["base_model_name_or_path"]
+        tok = AutoTokenizer.from_pretrained(base_path)
+        ids = tok("### Instruction:\\nAdd these two numbers.\\n\\n### Input:\\n3 + 4\\n\\n### Response:\\n", return_tensors="pt").input_ids
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        with torch.no_grad():
+            before = base(ids).logits
+            model = PeftModel.from_pretrained(base, adapter)
+            after = model(ids).logits
+        print(json.dumps({{"max_diff": (after - before).abs().max().item(), "finite": bool(torch.isfinite(after).all())}}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["finite"] and result["max_diff"] > 1e-3
+
+
+def _curve(spec):
+    from lorafleet.driver import run_job
+
+    history = []
+    summary = run_job(spec, on_progress=history.append)
+    assert summary.status == "succeeded", summary.error
+    return [h["loss"] for h in history]
+
+
+def test_ddp_matches_single_worker_with_same_global_batch(tmp_path):
+    """2 workers x 1 micro-batch of 4 and 1 worker x 2 accumulated micro-batches of 4 see the same global batches
+    and normalize by the same token count, so their loss curves agree up to float summation order."""
+    import ray
+
+    from lorafleet.spec import load_spec
+
+    common = [
+        "training.steps=6",
+        "training.warmup=1",
+        "training.micro_batch_size=4",
+        "training.dtype=float32",
+        "model.dtype=float32",
+        "kernels.enabled=false",
+        "checkpoint.every_n_steps=6",
+    ]
+    try:
+        two = _curve(load_spec(JOBS / "llama.yaml", common + ["name=ddp2", "scaling.num_workers=2", "training.grad_accum=1", f"checkpoint.storage={tmp_path}"]))
+        one = _curve(load_spec(JOBS / "llama.yaml", common + ["name=ddp1", "scaling.num_workers=1", "training.grad_accum=2", f"checkpoint.storage={tmp_path}"]))
+    finally:
+        ray.shutdown()
+    assert len(one) == len(two) == 6
+    assert one[-1] < one[0]
+    for a, b in zip(one, two):
+        assert abs(a - b) < 2e-3 * max(1.0, abs(a)), (one, two)
