@@ -6,7 +6,12 @@ A checkpoint directory is a loadable PEFT adapter plus what an exact resume need
 - `training_state.pt`: optimizer and scheduler state and the step reached (the data position: batches are a
   function of the step, see [`~lorafleet.data.BatchPlan`]);
 - `rng_rank{R}.pt`: each worker's Python, NumPy and torch RNG states (LoRA dropout draws differ per worker);
-- `lorafleet.json`: job name, step, base model and loss, for people and tools that list checkpoints.
+- `optimizer_rank{R}.pt`: each worker's optimizer shard, only when the optimizer is partitioned (DeepSpeed ZeRO);
+- `lorafleet.json`: job name, step, base model, loss, world size and whether optimizer shards exist, for people
+  and tools that list checkpoints and for [`is_complete`].
+
+Every worker writes its own files into its own local directory and Ray Train merges them in storage, so a checkpoint
+is only whole once every worker's upload has finished; [`is_complete`] checks exactly that.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ INFO_FILE = "lorafleet.json"
 
 def _rng_file(rank: int) -> str:
     return f"rng_rank{rank}.pt"
+
+
+def _optimizer_file(rank: int) -> str:
+    return f"optimizer_rank{rank}.pt"
 
 
 def rng_state() -> dict[str, Any]:
@@ -48,6 +57,8 @@ def save_checkpoint(
     adapter_state: Optional[dict[str, torch.Tensor]],
     peft_model=None,
     optimizer_state: Optional[dict] = None,
+    optimizer_shard: Optional[dict] = None,
+    world_size: int = 1,
     info: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write this worker's share of a checkpoint into `directory`.
@@ -69,6 +80,11 @@ def save_checkpoint(
             Needed with `adapter_state`: its config and base model name go into `adapter_config.json`.
         optimizer_state (`dict`, *optional*):
             What the strategy's `optimizer_state()` returned (optimizer and scheduler state).
+        optimizer_shard (`dict`, *optional*):
+            This worker's part of a partitioned optimizer (DeepSpeed ZeRO), written by every worker as
+            `optimizer_rank{R}.pt`. `None` when the optimizer is replicated (DDP).
+        world_size (`int`, *optional*, defaults to 1):
+            Workers writing this checkpoint; recorded so [`is_complete`] knows which per-rank files to expect.
         info (`dict`, *optional*):
             Extra fields for `lorafleet.json` (job name, loss).
 
@@ -87,6 +103,8 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), directory / _rng_file(rank))
+    if optimizer_shard is not None:
+        torch.save(optimizer_shard, directory / _optimizer_file(rank))
     if adapter_state is None:
         return directory
     from safetensors.torch import save_file
@@ -97,7 +115,16 @@ def save_checkpoint(
     save_file({k: v.detach().to("cpu").contiguous() for k, v in adapter_state.items()}, directory / ADAPTER_FILES[1])
     torch.save({"step": step, "optimizer": optimizer_state}, directory / STATE_FILE)
     (directory / INFO_FILE).write_text(
-        json.dumps({"step": step, "base_model": config.base_model_name_or_path, **(info or {})}, indent=2)
+        json.dumps(
+            {
+                "step": step,
+                "base_model": config.base_model_name_or_path,
+                "world_size": world_size,
+                "optimizer_shards": optimizer_shard is not None,
+                **(info or {}),
+            },
+            indent=2,
+        )
     )
     return directory
 
@@ -105,9 +132,28 @@ def save_checkpoint(
 def load_training_state(directory: str | Path, rank: int) -> dict[str, Any]:
     """Read what [`save_checkpoint`] wrote: adapter tensors, optimizer/scheduler state, step and this rank's RNG.
 
+    Args:
+        directory (`str` or `Path`):
+            A local copy of a checkpoint.
+        rank (`int`):
+            The resuming worker's world rank.
+
     Returns:
-        `dict`: `step`, `adapter` (tensor dict), `optimizer` (for the strategy), `rng` (`None` when the checkpoint was
-        written by fewer workers than are resuming it).
+        `dict`: `step`, `adapter` (tensor dict), `optimizer` (for the strategy), `optimizer_shard` (this rank's
+        partitioned optimizer state, or `None`), `rng` (`None` when the checkpoint was written by fewer workers
+        than are resuming it).
+
+    Raises:
+        `RuntimeError`: The checkpoint holds optimizer shards for a different number of workers (partitioned state
+        cannot be re-split).
+
+    Example:
+
+    ```python
+    >>> state = load_training_state("/path/to/checkpoint", rank=0)  # doctest: +SKIP
+    >>> state["step"]  # doctest: +SKIP
+    40
+    ```
     """
     from safetensors.torch import load_file
 
@@ -116,10 +162,57 @@ def load_training_state(directory: str | Path, rank: int) -> dict[str, Any]:
     rng_path = directory / _rng_file(rank)
     state["rng"] = torch.load(rng_path, weights_only=False) if rng_path.exists() else None
     state["adapter"] = load_file(directory / ADAPTER_FILES[1])
+    state["optimizer_shard"] = None
+    info = read_info(directory)
+    if info.get("optimizer_shards"):
+        shard = directory / _optimizer_file(rank)
+        if not shard.is_file():
+            raise RuntimeError(
+                f"checkpoint at step {state['step']} was written by {info.get('world_size')} workers with a partitioned "
+                "optimizer; resume it with the same scaling.num_workers"
+            )
+        state["optimizer_shard"] = torch.load(shard, map_location="cpu", weights_only=False)
     return state
 
 
+def read_info(directory: str | Path) -> dict[str, Any]:
+    """`lorafleet.json` of a checkpoint directory (`{}` when missing or unreadable)."""
+    try:
+        return json.loads((Path(directory) / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def expected_files(info: dict[str, Any]) -> list[str]:
+    """Every file a checkpoint described by `info` (its `lorafleet.json`) must hold."""
+    world_size = int(info.get("world_size", 1))
+    names = [*ADAPTER_FILES, STATE_FILE, INFO_FILE]
+    names += [_rng_file(r) for r in range(world_size)]
+    if info.get("optimizer_shards"):
+        names += [_optimizer_file(r) for r in range(world_size)]
+    return names
+
+
 def is_complete(directory: str | Path) -> bool:
-    """Whether `directory` holds a whole checkpoint (adapter, training state and info)."""
+    """Whether `directory` holds a whole checkpoint: the adapter, the training state and every worker's files.
+
+    Args:
+        directory (`str` or `Path`):
+            A local checkpoint directory (or a local copy of one).
+
+    Returns:
+        `bool`: `False` when any file is missing or empty, e.g. an upload that was cut off.
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> is_complete(save_checkpoint(tempfile.mkdtemp(), rank=1, step=3, adapter_state=None))
+    False
+    ```
+    """
     directory = Path(directory)
-    return all((directory / name).is_file() for name in (*ADAPTER_FILES, STATE_FILE, INFO_FILE))
+    info = read_info(directory)
+    if not info:
+        return False
+    return all((directory / name).is_file() and (directory / name).stat().st_size > 0 for name in expected_files(info))

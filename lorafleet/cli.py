@@ -56,9 +56,31 @@ def cli() -> None:
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="End stdout with one JSON summary line.")
 @click.option("--verbose", "-v", is_flag=True, help="Show Ray's and the workers' logs.")
-def submit(spec_path: str, overrides: tuple[str, ...], as_json: bool, verbose: bool) -> None:
-    """Validate JOB.yaml and run it on Ray Train until it finishes."""
+@click.option("--fresh", is_flag=True, help="Delete this job's earlier run in storage and start over instead of resuming.")
+@click.option(
+    "--address",
+    default=None,
+    metavar="URL",
+    help="Submit through the Jobs API of the cluster whose dashboard is at URL (http://HEAD:8265); "
+    "default: RAY_ADDRESS when it is such a URL, else run here.",
+)
+@click.option("--wait", is_flag=True, help="With a Jobs API address: follow the job to the end (default: print its id).")
+def submit(
+    spec_path: str, overrides: tuple[str, ...], as_json: bool, verbose: bool, fresh: bool, address: Optional[str], wait: bool
+) -> None:
+    """Validate JOB.yaml and run it on Ray Train until it finishes (or hand it to a cluster with --address).
+
+    Re-submitting a job with the same name and storage continues from its latest checkpoint.
+    """
     spec = _load(spec_path, overrides)
+    from .remote import remote_address
+
+    if remote_address(address) is not None:
+        if fresh:
+            fail("--fresh: not available with --address (delete the run's storage folder instead)")
+        from .cli_remote import submit_remote_command
+
+        return submit_remote_command(spec, address, wait, as_json)
     from .driver import run_job
     from .progress import ProgressView
     from .spec import SpecError
@@ -70,7 +92,7 @@ def submit(spec_path: str, overrides: tuple[str, ...], as_json: bool, verbose: b
         err=True,
     )
     try:
-        summary = run_job(spec, on_progress=view.update, verbose=verbose)
+        summary = run_job(spec, on_progress=view.update, verbose=verbose, fresh=fresh)
     except SpecError as exc:
         fail(str(exc))
     finally:
@@ -106,6 +128,14 @@ def spec_doc() -> None:
     from .spec import spec_reference
 
     click.echo(spec_reference())
+
+
+# Command groups that live next to their implementation register themselves here.
+from .cli_generate import register as _register_generate  # noqa: E402  (generate, merge)
+from .cli_remote import register as _register_remote  # noqa: E402  (status, logs, list, stop, pull, report)
+
+_register_generate(cli)
+_register_remote(cli)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -34,11 +34,14 @@ import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
 from lorafleet.spec import DataSpec, SpecError
+
+if TYPE_CHECKING:
+    from lorafleet.alora import Invocation
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +262,11 @@ class DataStats:
 
 
 def prepare_samples(
-    spec: DataSpec, tokenizer, records: Optional[Sequence[dict]] = None, return_stats: bool = False
+    spec: DataSpec,
+    tokenizer,
+    records: Optional[Sequence[dict]] = None,
+    return_stats: bool = False,
+    invocation: Optional["Invocation"] = None,
 ) -> list[dict] | tuple[list[dict], DataStats]:
     """Tokenize records into training samples with prompt tokens masked from the loss.
 
@@ -275,6 +282,10 @@ def prepare_samples(
             tokenizer needs a chat template that renders each conversation as a prefix of the next.
         records (`Sequence[dict]`, *optional*): Already loaded records; defaults to `load_records(spec)`.
         return_stats (`bool`, *optional*, defaults to `False`): Also return a [`DataStats`].
+        invocation ([`~lorafleet.alora.Invocation`], *optional*):
+            For aLoRA jobs: each sample (after truncation) must contain the invocation; its last occurrence start is
+            kept as `"alora_start"` and only labels after the invocation are trained. Samples without it are refused
+            with a [`SpecError`] naming them, or dropped when `invocation.drop_missing`.
 
     Returns:
         `list[dict]`: Samples `{"input_ids": list[int], "labels": list[int]}`; with `packing`, rows of at most
@@ -308,17 +319,31 @@ def prepare_samples(
 
     stats = DataStats(records=len(records))
     samples = []
-    for ids, labels in encoded:
+    missing_invocation: list[int] = []
+    for record_no, (ids, labels) in enumerate(encoded, start=1):
         if spec.train_on_inputs:
             labels = list(ids)
         labels[0] = IGNORE_INDEX
         if len(ids) > spec.max_length:
             stats.truncated += 1
             ids, labels = ids[: spec.max_length], labels[: spec.max_length]
+        start = None
+        if invocation is not None:
+            # After truncation: an invocation cut off by max_length is as missing as one never written.
+            start, labels = invocation.locate(ids, labels)
+            if start is None:
+                missing_invocation.append(record_no)
+                continue
         if all(label == IGNORE_INDEX for label in labels):
             stats.dropped += 1
             continue
-        samples.append({"input_ids": ids, "labels": labels})
+        sample = {"input_ids": ids, "labels": labels}
+        if start is not None:
+            sample["alora_start"] = start
+        samples.append(sample)
+    if invocation is not None:
+        invocation.check_missing(missing_invocation, len(records), spec.max_length)
+        stats.dropped += len(missing_invocation)
     stats.samples = len(samples)
     if stats.dropped:
         logger.warning(
@@ -469,10 +494,18 @@ def pack_samples(samples: Sequence[dict], max_length: int) -> list[dict]:
             bins[b].append(i)
             bisect.insort(free, (space - n, b))
     rows = []
+    alora = any("alora_start" in s for s in samples)
     for members in bins:
-        row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+        row: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+        if alora:
+            # [activation start, sample end) per packed sample, in row coordinates: one offset per row cannot
+            # express several invocations, so collate turns these into a per-token activation mask.
+            row["alora_spans"] = []
         for i in members:
             ids, labels = samples[i]["input_ids"], samples[i]["labels"]
+            if alora:
+                at = len(row["input_ids"])
+                row["alora_spans"].append([at + samples[i]["alora_start"], at + len(ids)])
             row["input_ids"] += ids
             row["labels"] += [IGNORE_INDEX] + list(labels[1:])
             row["position_ids"] += list(range(len(ids)))
@@ -517,7 +550,10 @@ def collate(samples: Sequence[dict], pad_id: int, padding_side: str = "right") -
 
     Returns:
         `dict[str, torch.Tensor]`: `input_ids`, `labels` and `position_ids` (int64, `[batch, longest]`), plus
-        `attention_mask` for plain samples. Packed rows get no `attention_mask`: transformers then reads the
+        `attention_mask` for plain samples. aLoRA samples (with `alora_start`) add `alora_offsets` (int64 `[batch]`,
+        PEFT's convention: tokens from the invocation start to the end of the padded row, so left and right padding
+        give the same activated tokens); packed aLoRA rows add `alora_mask` (bool `[batch, longest]`, True from each
+        packed sample's invocation to that sample's end). Packed rows get no `attention_mask`: transformers then reads the
         sample boundaries from `position_ids` and builds a block-diagonal causal mask (padding becomes one more
         sequence of its own, with -100 labels). That detection only runs without a KV cache, so call the model with
         `use_cache=False` (its config default is True). Plain samples' `position_ids` start at 0 at their first real
@@ -544,6 +580,8 @@ def collate(samples: Sequence[dict], pad_id: int, padding_side: str = "right") -
     width = max(len(s["input_ids"]) for s in samples)
     batch = {name: torch.empty(len(samples), width, dtype=torch.long) for name in ("input_ids", "labels", "position_ids")}
     mask = torch.zeros(len(samples), width, dtype=torch.long)
+    alora_offsets = torch.zeros(len(samples), dtype=torch.long) if "alora_start" in samples[0] else None
+    alora_mask = torch.zeros(len(samples), width, dtype=torch.bool) if "alora_spans" in samples[0] else None
     for row, s in enumerate(samples):
         n, pad = len(s["input_ids"]), width - len(s["input_ids"])
         real = slice(pad, width) if padding_side == "left" else slice(0, n)
@@ -560,8 +598,17 @@ def collate(samples: Sequence[dict], pad_id: int, padding_side: str = "right") -
             batch["position_ids"][row, real] = torch.arange(n)
             batch["position_ids"][row, fill] = 0
             mask[row, real] = 1
+        if alora_offsets is not None:
+            alora_offsets[row] = width - (real.start + s["alora_start"])
+        if alora_mask is not None:
+            for start, end in s["alora_spans"]:
+                alora_mask[row, real.start + start : real.start + end] = True
     if not packed:
         batch["attention_mask"] = mask
+    if alora_offsets is not None:
+        batch["alora_offsets"] = alora_offsets
+    if alora_mask is not None:
+        batch["alora_mask"] = alora_mask
     return batch
 
 

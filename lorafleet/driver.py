@@ -78,7 +78,12 @@ def prepare(spec: JobSpec) -> Prepared:
         tokenizer = load_tokenizer_for(base, spec.model.trust_remote_code)
     except OSError as exc:
         raise SpecError(f"model.name_or_path: cannot load a tokenizer from '{base}' ({str(exc).splitlines()[0]})") from None
-    samples = prepare_samples(spec.data, tokenizer)
+    from .alora import Invocation
+
+    # aLoRA: the invocation must tokenize to something, and every sample must contain it (or be dropped on request);
+    # checked here so a bad invocation or bad data fails at submit time, never as a sample silently trained as base.
+    invocation = Invocation.from_spec(spec, tokenizer, warn=True)
+    samples = prepare_samples(spec.data, tokenizer, invocation=invocation)
     if not samples:
         raise SpecError(f"data.path: no sample has a token to train on after tokenization (max_length={spec.data.max_length})")
     return Prepared(spec=spec, base=base, num_samples=len(samples))
@@ -149,6 +154,40 @@ def _failure_message(exc: BaseException) -> str:
     return text[-1] if text else type(exc).__name__
 
 
+def _storage_outage(exc: BaseException) -> bool:
+    """Whether a failed fit() died of unreachable storage (the Train controller writes its own run snapshot
+    there, outside the per-checkpoint upload retries)."""
+    cause = getattr(exc, "controller_failure", None)
+    return isinstance(cause, OSError)
+
+
+def fit_with_storage_retries(prepared: Prepared, channel: Any) -> Any:
+    """`TorchTrainer.fit()`, started again while storage is unreachable, for up to `LORAFLEET_UPLOAD_RETRY_S`.
+
+    Ray Train only counts a checkpoint once every worker's upload finished, and a re-run with the same name and
+    storage resumes from that checkpoint, so a retried fit continues where the last complete checkpoint left off.
+    """
+    import sys
+
+    from .storage import UPLOAD_RETRY_S
+
+    started, delay = time.monotonic(), 2.0
+    while True:
+        try:
+            return make_trainer(prepared, channel).fit()
+        except Exception as exc:
+            if not _storage_outage(exc) or time.monotonic() - started + delay > UPLOAD_RETRY_S:
+                raise
+            print(
+                f"lorafleet: {prepared.spec.name}: storage unreachable ({type(exc.controller_failure).__name__}); "
+                f"resuming from the last complete checkpoint in {delay:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
+
+
 def run_job(
     spec: JobSpec,
     *,
@@ -216,7 +255,7 @@ def run_job(
     reader.start()
     summary = RunSummary(job=spec.name, status="succeeded")
     try:
-        result = make_trainer(prepared, channel).fit()
+        result = fit_with_storage_retries(prepared, channel)
     except Exception as exc:  # Ray wraps worker errors; the summary carries the worker's own message.
         result = None
         summary.status = "failed"

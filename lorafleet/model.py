@@ -309,14 +309,21 @@ class LossModule(torch.nn.Module):
         self.model = model
         self.fused_loss = fused_loss
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, alora_offsets=None, alora_mask=None):
         from .kernels.loss import lm_loss
 
-        return lm_loss(
-            self.model,
+        kwargs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
             labels=labels,
             position_ids=position_ids,
             fused=self.fused_loss,
         )
+        if alora_offsets is None and alora_mask is None:
+            return lm_loss(self.model, **kwargs)
+        from .alora import activation
+
+        # aLoRA batches (see lorafleet.data.collate): the activation is applied on the adapter layers themselves,
+        # because the fused loss calls the decoder directly and never reaches PeftModel.forward's offset logic.
+        with activation(self.model, alora_mask if alora_mask is not None else alora_offsets) as causal_lm:
+            return lm_loss(causal_lm, **kwargs)

@@ -153,7 +153,11 @@ class DataSpec(_Section):
         "`output`; only the output is trained on. chat: `messages` of {role, content}; only assistant turns are trained on.",
     )
     max_length: int = Field(256, ge=8, le=131072, description="Tokens per sample (longer ones are truncated) or per packed row.")
-    packing: bool = Field(False, description="Pack several samples into each row of `max_length` tokens.")
+    packing: bool = Field(
+        False,
+        description="Pack several samples into each row of `max_length` tokens (attention stays within each sample; "
+        "with `alora`, each packed sample is activated from its own invocation).",
+    )
     train_on_inputs: bool = Field(False, description="Also train on prompt tokens (instruction and chat formats).")
     shuffle: bool = Field(True, description="Shuffle samples every epoch (seeded by `training.seed`).")
 

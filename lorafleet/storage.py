@@ -7,10 +7,18 @@ never part of a path, so they never reach logs, summaries or checkpoints.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
+
+logger = logging.getLogger(__name__)
+
+# How long a worker keeps retrying one checkpoint upload before the run fails (and Ray Train's
+# `scaling.max_failures` takes over). Long enough to ride out an object-store blip or a restart.
+UPLOAD_RETRY_S = float(os.environ.get("LORAFLEET_UPLOAD_RETRY_S", "300"))
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -74,6 +82,119 @@ def filesystem_for(scheme: str, endpoint: Optional[str] = None):
             kwargs["scheme"] = parsed.scheme or "https"
         return fs.GcsFileSystem(**kwargs)
     raise ValueError(f"unsupported storage scheme {scheme!r}")
+
+
+def run_location(uri: str, name: str, endpoint: Optional[str] = None) -> tuple[str, Any]:
+    """The `(path, filesystem)` of one run's folder (`<storage>/<name>`); the filesystem is local for local storage."""
+    from pyarrow import fs
+
+    path, filesystem = resolve_storage(uri, endpoint)
+    return f"{path.rstrip('/')}/{name}", filesystem or fs.LocalFileSystem()
+
+
+def delete_run(uri: str, name: str, endpoint: Optional[str] = None) -> bool:
+    """Delete everything stored for run `name` (checkpoints and Ray Train's run snapshot), to start it over.
+
+    Args:
+        uri (`str`):
+            `checkpoint.storage` (local path, `file://`, `s3://` or `gs://`).
+        name (`str`):
+            The job name (the run's folder).
+        endpoint (`str`, *optional*):
+            `checkpoint.endpoint`.
+
+    Returns:
+        `bool`: Whether there was anything to delete.
+
+    Example:
+
+    ```python
+    >>> delete_run("/tmp/lorafleet-doc-runs", "never-ran")
+    False
+    ```
+    """
+    from pyarrow import fs
+
+    path, filesystem = run_location(uri, name, endpoint)
+    if filesystem.get_file_info(path).type == fs.FileType.NotFound:
+        return False
+    filesystem.delete_dir(path)
+    return True
+
+
+def list_checkpoint_dirs(filesystem, run_path: str) -> list[str]:
+    """Paths of the `checkpoint_*` folders directly under a run folder, in name (= creation time) order."""
+    from pyarrow import fs
+
+    try:
+        infos = filesystem.get_file_info(fs.FileSelector(run_path, allow_not_found=True))
+    except OSError:
+        return []
+    return sorted(
+        info.path for info in infos if info.type == fs.FileType.Directory and info.base_name.startswith("checkpoint_")
+    )
+
+
+def _verify_upload(local_dir: str, filesystem, remote_dir: str) -> None:
+    """Every local file is in storage with the same size (catches a copy that stopped half-way without an error)."""
+    from pyarrow import fs
+
+    names = [p.name for p in Path(local_dir).iterdir() if p.is_file()]
+    infos = filesystem.get_file_info([f"{remote_dir}/{n}" for n in names])
+    for name, info in zip(names, infos):
+        size = (Path(local_dir) / name).stat().st_size
+        if info.type != fs.FileType.File or info.size != size:
+            raise OSError(f"checkpoint file {name} is missing or short in storage after upload")
+
+
+def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
+    """Ray Train `checkpoint_upload_fn`: copy this worker's checkpoint files to storage, retrying until they are all there.
+
+    Ray Train calls this in a background thread (`checkpoint_upload_mode=ASYNC`), so the training loop keeps stepping
+    while it runs. A failed or cut-off copy is retried with exponential backoff (1 s up to 15 s) for up to
+    `UPLOAD_RETRY_S` seconds, and verified file by file; only then does Ray Train hear about the checkpoint, and it
+    registers a checkpoint as the run's latest only after *every* worker's upload has been reported. So a checkpoint
+    that resume can pick is always whole. Errors are logged by type and first line only: object-store errors name
+    the bucket and key, never the credentials.
+
+    Args:
+        checkpoint (`ray.train.Checkpoint`):
+            This worker's local checkpoint directory.
+        checkpoint_dir_name (`str`):
+            The checkpoint folder's name inside the run folder (the same on every worker).
+
+    Returns:
+        `ray.train.Checkpoint`: The checkpoint in storage.
+
+    Example:
+
+    ```python
+    >>> ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=upload_checkpoint,  # doctest: +SKIP
+    ...                  checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+    ```
+    """
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    started, delay, attempt = time.monotonic(), 1.0, 0
+    while True:
+        attempt += 1
+        try:
+            persisted = storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+            _verify_upload(checkpoint.path, storage.storage_filesystem, persisted.path)
+            if attempt > 1:
+                logger.warning("lorafleet: checkpoint %s uploaded after %d attempts", checkpoint_dir_name, attempt)
+            return persisted
+        except Exception as exc:  # noqa: BLE001 - any storage error is worth a retry until the deadline
+            if time.monotonic() - started + delay > UPLOAD_RETRY_S:
+                raise
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            logger.warning(
+                "lorafleet: checkpoint %s upload failed (attempt %d, %s: %s); retrying in %.0f s",
+                checkpoint_dir_name, attempt, type(exc).__name__, first_line, delay,
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
 
 
 def display_uri(storage_uri: str, path: str) -> str:

@@ -52,9 +52,10 @@ def seed_everything(seed: int, rank: int) -> None:
 
 def load_data(spec: JobSpec, tokenizer):
     """Tokenized samples, the batch plan and the per-sample count of target tokens (after the causal shift)."""
+    from .alora import Invocation
     from .data import BatchPlan, prepare_samples
 
-    samples = prepare_samples(spec.data, tokenizer)
+    samples = prepare_samples(spec.data, tokenizer, invocation=Invocation.from_spec(spec, tokenizer))
     targets = [sum(1 for label in s["labels"][1:] if label != -100) for s in samples]
     plan = BatchPlan(len(samples), spec.global_batch_size, seed=spec.training.seed, shuffle=spec.data.shuffle)
     return samples, targets, plan
@@ -238,7 +239,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(spec.training.seed, ctx.rank)
     tokenizer = load_tokenizer_for(config["base"], spec.model.trust_remote_code)
     samples, targets, plan = load_data(spec, tokenizer)
-    model, kernels = build_model(spec, config["base"], ctx.device)
+    from .alora import spec_invocation
+
+    model, kernels = build_model(spec, config["base"], ctx.device, invocation_tokens=spec_invocation(spec, tokenizer))
     strategy = make_strategy(model, spec, ctx.device)
     start_step = resume(strategy, ctx)
     channel = config.get("channel")

@@ -1,0 +1,269 @@
+"""Benchmark: one QLoRA training step, lorafleet's fused kernels vs plain PEFT + bitsandbytes (run by hand).
+
+Setup (full size): Llama architecture, hidden 512, 8 layers, vocab 32000, seq 512, batch 4, bf16 model,
+NF4 base, LoRA r=16 on all 7 projections, AdamW. Throughput of the two variants is measured in this process,
+alternating rounds of a few steps each (so load drift on the machine hits both); peak resident memory is
+measured for each variant in its own subprocess (ru_maxrss of a process that builds the model and runs steps).
+
+    python bench/kernels.py            # full size
+    python bench/kernels.py --quick    # small model, a few seconds
+    python bench/kernels.py --json     # ... and a last line of JSON
+    python bench/kernels.py --profile  # ... and a torch.profiler table of each variant (2 steps)
+
+`mfu` is model FLOPs per second over this machine's bf16 matmul peak measured in the same run; model FLOPs per
+token count 4 x the frozen linear parameters (forward 2, input-gradient 2; no base weight gradients) plus
+6 x the LoRA parameters. Output: the table on stdout, progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+FULL = dict(hidden=512, layers=8, vocab=32000, seq=512, batch=4, inter=1376, heads=8, kv_heads=4, r=16)
+QUICK = dict(hidden=256, layers=2, vocab=8000, seq=256, batch=2, inter=704, heads=4, kv_heads=2, r=8)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def model_dir(size: dict) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from lorafleet.families import family_config
+
+    key = "-".join(f"{k}{v}" for k, v in sorted(size.items()) if k not in ("seq", "batch", "r"))
+    path = Path(tempfile.gettempdir()) / f"lorafleet-bench-{key}"
+    if not (path / "config.json").exists():
+        cfg = family_config(
+            "llama",
+            size["vocab"],
+            dict(hidden_size=size["hidden"], intermediate_size=size["inter"], num_hidden_layers=size["layers"],
+                 num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"],
+                 head_dim=size["hidden"] // size["heads"]),
+        )
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def build(size: dict):
+    """The QLoRA model: NF4 base in bf16, LoRA on all 7 projections (PEFT keeps adapters in fp32), AdamW."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir(size), dtype=torch.bfloat16, device_map="cpu",
+                                                 quantization_config=quant)
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False
+    torch.manual_seed(1)
+    model = get_peft_model(model, LoraConfig(r=size["r"], lora_alpha=2 * size["r"], target_modules=TARGETS))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.01)
+    model.train()
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, size["vocab"], (size["batch"], size["seq"]), generator=gen)
+    return model, optim, ids
+
+
+def set_variant(model, variant: str) -> bool:
+    from lorafleet.kernels import apply_kernels, remove_kernels
+    from lorafleet.spec import KernelsSpec
+
+    remove_kernels(model)
+    if variant == "peft":
+        return False
+    summary = apply_kernels(model, KernelsSpec())
+    assert summary["mlp"] == summary["qkv"] == summary["o"] > 0 and summary["loss"] == 1, model.lorafleet_kernel_report
+    return True
+
+
+def step(model, optim, ids, fused: bool) -> float:
+    from lorafleet.kernels import lm_loss
+
+    loss, n = lm_loss(model, ids, fused=fused)
+    (loss / n).backward()
+    optim.step()
+    optim.zero_grad(set_to_none=True)
+    return float(loss.detach() / n)
+
+
+def model_flops_per_token(model) -> float:
+    frozen = lora = 0
+    for name, module in model.named_modules():
+        if type(module).__name__ in ("Linear", "Linear4bit") and not hasattr(module, "lora_A"):
+            params = module.in_features * module.out_features
+            if "lora_" in name:
+                lora += params
+            else:
+                frozen += params
+    return 4.0 * frozen + 6.0 * lora
+
+
+def matmul_peak(dtype=torch.bfloat16, n: int = 1024, reps: int = 5) -> float:
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def child_memory(size_name: str, variant: str, steps: int) -> None:
+    """Subprocess entry: build, run `steps` steps of one variant, print peak RSS (bytes) as JSON."""
+    size = QUICK if size_name == "quick" else FULL
+    model, optim, ids = build(size)
+    fused = set_variant(model, variant)
+    rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # Loading (quantization pass) can set the lifetime peak; reset the high-water mark so that the number is the
+    # training steps' peak (Linux: writing 5 to clear_refs resets VmHWM to the current RSS).
+    reset = _reset_hwm()
+    for _ in range(steps):
+        step(model, optim, ids, fused)
+    peak = _hwm() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"variant": variant, "peak_rss": peak, "lifetime_peak_rss": lifetime, "setup_peak_rss": rss_setup}))
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def measure_memory(size_name: str, variant: str, steps: int) -> dict:
+    cmd = [sys.executable, __file__, "--_memory-child", variant, "--_size", size_name, "--_steps", str(steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def profile(model, optim, ids, variant: str) -> str:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    fused = set_variant(model, variant)
+    step(model, optim, ids, fused)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            step(model, optim, ids, fused)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small model (seconds instead of minutes)")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per variant")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per round")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables (stderr)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    parser.add_argument("--memory-steps", type=int, default=2, help="steps per peak-memory subprocess")
+    parser.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_size", dest="size", default="full", help=argparse.SUPPRESS)
+    parser.add_argument("--_steps", dest="child_steps", type=int, default=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        child_memory(args.size, args.memory_child, args.child_steps)
+        return 0
+
+    size_name = "quick" if args.quick else "full"
+    size = QUICK if args.quick else FULL
+    rounds = args.rounds or (2 if args.quick else 3)
+    steps = args.steps or (2 if args.quick else 2)
+    tokens = size["batch"] * size["seq"]
+    log(f"building {size_name} model {size} (torch threads: {torch.get_num_threads()})")
+    model, optim, ids = build(size)
+    flops_tok = model_flops_per_token(model)
+
+    times = {"peft": [], "fused": []}
+    losses = {"peft": [], "fused": []}
+    for variant in ("peft", "fused"):  # warm-up (first-call allocations, oneDNN kernel selection)
+        for _ in range(args.warmup):
+            step(model, optim, ids, set_variant(model, variant))
+    for r in range(rounds):
+        for variant in ("peft", "fused") if r % 2 == 0 else ("fused", "peft"):
+            fused = set_variant(model, variant)
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                losses[variant].append(step(model, optim, ids, fused))
+                times[variant].append(time.perf_counter() - t0)
+            log(f"round {r} {variant}: {sum(times[variant][-steps:]) / steps:.3f} s/step")
+    peak_bf16 = matmul_peak(torch.bfloat16)
+    peak_fp32 = matmul_peak(torch.float32)
+    # MFU is quoted against the bf16 matmul peak as asked; on CPUs without native bf16 GEMMs (AVX2-only) the
+    # fp32 peak is higher, and MFU against the best of the two is reported too.
+    peak = peak_bf16
+    peak_best = max(peak_bf16, peak_fp32)
+
+    if args.profile:
+        for variant in ("peft", "fused"):
+            log(f"\n=== torch.profiler, {variant}, 2 steps ===")
+            log(profile(model, optim, ids, variant))
+
+    mem = {}
+    if not args.no_memory:
+        del model, optim
+        for variant in ("peft", "fused"):
+            log(f"peak memory subprocess: {variant}")
+            mem[variant] = measure_memory(size_name, variant, args.memory_steps)
+
+    rows = []
+    result = {}
+    for variant in ("peft", "fused"):
+        sec = sorted(times[variant])[len(times[variant]) // 2]  # median step
+        tps = tokens / sec
+        mfu = tps * flops_tok / peak
+        rows.append((variant, sec, tps, mfu, mem.get(variant, {}).get("peak_rss")))
+        result[variant] = {"s_per_step": sec, "tokens_per_s": tps, "mfu": mfu, "mfu_best_peak": tps * flops_tok / peak_best,
+                           "peak_rss": mem.get(variant, {}).get("peak_rss")}
+    print(f"QLoRA step, {size_name}: {size} | matmul peak bf16 {peak_bf16 / 1e9:.1f} / fp32 {peak_fp32 / 1e9:.1f} GFLOP/s | "
+          f"{flops_tok / 1e6:.1f} MFLOP/token")
+    print(f"{'variant':8} {'s/step':>8} {'tokens/s':>10} {'MFU':>7} {'peak RSS':>10}")
+    for variant, sec, tps, mfu, rss in rows:
+        rss_s = f"{rss / 2**30:.2f} GiB" if rss else "-"
+        print(f"{variant:8} {sec:8.3f} {tps:10.0f} {mfu:7.1%} {rss_s:>10}")
+    ratio = result["fused"]["tokens_per_s"] / result["peft"]["tokens_per_s"]
+    mem_ratio = mem["fused"]["peak_rss"] / mem["peft"]["peak_rss"] if mem else None
+    print(f"tokens/s fused/PEFT: {ratio:.2f}x" + (f" | peak RSS fused/PEFT: {mem_ratio:.2f}" if mem_ratio else ""))
+    print(f"last losses: peft {losses['peft'][-1]:.4f} fused {losses['fused'][-1]:.4f}")
+    if args.json:
+        print(json.dumps({"size": size_name, "tokens_per_s_ratio": ratio, "peak_mem_ratio": mem_ratio,
+                          "mfu": result["fused"]["mfu"], "mfu_peft": result["peft"]["mfu"],
+                          "mfu_best_peak": result["fused"]["mfu_best_peak"],
+                          "bf16_peak_flops": peak_bf16, "fp32_peak_flops": peak_fp32, "variants": result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""A real S3 server on 127.0.0.1 for storage tests (moto's threaded server), loaded by test modules with
+`from s3_server import s3_server  # noqa: F401`.
+
+The fixture sets the standard AWS variables in this process's environment for the module's duration, so the
+driver, the embedded Ray instance it starts and its workers all reach the server the way a user's job reaches S3.
+The credentials are fake but distinctive (`SECRET_KEY`) so tests can grep outputs and files for leaks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import pytest
+
+SECRET_KEY = "lorafleet-test-SECRET-9f3a7c1e"
+ACCESS_KEY = "lorafleet-test-access"
+BUCKET = "lorafleet-test-bucket"
+
+
+@dataclass
+class S3Server:
+    """Handle on the running server: `endpoint`, `bucket`, a boto3 `client`, and `pause(seconds)` to take it down."""
+
+    server: object
+    endpoint: str
+    bucket: str
+    client: object
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every object key under `prefix`."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        return [o["Key"] for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix) for o in page.get("Contents", [])]
+
+    def stop(self) -> None:
+        """Take the server down: connections are refused until [`start`]; buckets and objects survive (moto keeps
+        them in process memory)."""
+        self.server.stop()
+        # moto's stop() leaves the listening socket open (clients would hang instead of being refused) and bound
+        # (a restart on the same port would fail): close it.
+        self.server._server.server_close()
+
+    def start(self) -> None:
+        self.server.start()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """Start moto's S3 server on a free 127.0.0.1 port with one bucket; AWS_* variables point at it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield S3Server(server=server, endpoint=endpoint, bucket=BUCKET, client=client)
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,113 @@
+"""Checkpoint layout, completeness and storage helpers (fast: no Ray, no training)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lorafleet.checkpoint import expected_files, is_complete, load_training_state, read_info, save_checkpoint
+from lorafleet.spec import load_spec
+from lorafleet.storage import delete_run, list_checkpoint_dirs, run_location
+
+
+class _Config:
+    base_model_name_or_path = "/models/base"
+
+    def save_pretrained(self, directory: str) -> None:
+        with open(f"{directory}/adapter_config.json", "w") as f:
+            json.dump({"peft_type": "LORA", "r": 2}, f)
+
+
+class _Peft:
+    peft_config = {"default": _Config()}
+
+
+def _write(directory, world_size=2, shards=True):
+    adapter = {"a.lora_A.weight": torch.randn(2, 4), "a.lora_B.weight": torch.randn(4, 2)}
+    for rank in range(world_size):
+        save_checkpoint(
+            directory,
+            rank=rank,
+            step=7,
+            adapter_state=adapter if rank == 0 else None,
+            peft_model=_Peft(),
+            optimizer_state={"scheduler": {"last_epoch": 7}} if rank == 0 else None,
+            optimizer_shard={"state": {0: {"exp_avg": torch.full((3,), float(rank))}}} if shards else None,
+            world_size=world_size,
+            info={"job": "unit", "loss": 1.5},
+        )
+    return adapter
+
+
+def test_sharded_checkpoint_roundtrip(tmp_path):
+    adapter = _write(tmp_path)
+    info = read_info(tmp_path)
+    assert info["world_size"] == 2 and info["optimizer_shards"] is True and info["step"] == 7
+    assert "optimizer_rank1.pt" in expected_files(info)
+    assert is_complete(tmp_path)
+    state = load_training_state(tmp_path, rank=1)
+    assert state["step"] == 7 and state["optimizer"] == {"scheduler": {"last_epoch": 7}}
+    assert torch.equal(state["optimizer_shard"]["state"][0]["exp_avg"], torch.ones(3))
+    assert torch.equal(state["adapter"]["a.lora_B.weight"], adapter["a.lora_B.weight"])
+    assert state["rng"] is not None
+
+
+def test_replicated_checkpoint_has_no_shards(tmp_path):
+    _write(tmp_path, shards=False)
+    assert is_complete(tmp_path)
+    assert not list(tmp_path.glob("optimizer_rank*.pt"))
+    assert load_training_state(tmp_path, rank=0)["optimizer_shard"] is None
+
+
+@pytest.mark.parametrize("victim", ["rng_rank1.pt", "optimizer_rank0.pt", "adapter_model.safetensors", "lorafleet.json"])
+def test_missing_or_empty_file_is_incomplete(tmp_path, victim):
+    _write(tmp_path)
+    (tmp_path / victim).unlink()
+    assert not is_complete(tmp_path)
+    (tmp_path / victim).write_bytes(b"")  # a cut-off upload
+    assert not is_complete(tmp_path)
+
+
+def test_shards_need_same_world_size(tmp_path):
+    _write(tmp_path)
+    with pytest.raises(RuntimeError, match="same scaling.num_workers"):
+        load_training_state(tmp_path, rank=2)
+
+
+def test_delete_run_and_listing(tmp_path):
+    run_path, fs = run_location(str(tmp_path), "job-a")
+    for name in ("checkpoint_2026-01-01_00-00-02.0", "checkpoint_2026-01-01_00-00-01.0", "other"):
+        (tmp_path / "job-a" / name).mkdir(parents=True)
+    (tmp_path / "job-a" / "metrics.jsonl").write_text("{}\n")
+    assert [p.rsplit("/", 1)[-1] for p in list_checkpoint_dirs(fs, run_path)] == [
+        "checkpoint_2026-01-01_00-00-01.0",
+        "checkpoint_2026-01-01_00-00-02.0",
+    ]
+    assert delete_run(str(tmp_path), "job-a") is True
+    assert not (tmp_path / "job-a").exists()
+    assert delete_run(str(tmp_path), "job-a") is False
+
+
+def test_deepspeed_config_is_derived_and_merged():
+    from lorafleet.strategy import deepspeed_config
+
+    spec = load_spec(
+        "jobs/llama.yaml",
+        [
+            "scaling.strategy=deepspeed",
+            "scaling.zero_stage=3",
+            "training.grad_accum=2",
+            "training.max_grad_norm=0.5",
+            'scaling.deepspeed_config={"zero_optimization": {"reduce_bucket_size": 1000}, "steps_per_print": 5}',
+        ],
+    )
+    config = deepspeed_config(spec, world_size=2)
+    assert config["train_batch_size"] == spec.training.micro_batch_size * 2 * 2
+    assert config["gradient_accumulation_steps"] == 2
+    assert config["gradient_clipping"] == 0.5
+    # Merged, not replaced: the derived stage survives next to the expert's bucket size.
+    assert config["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000}
+    assert config["steps_per_print"] == 5
+    assert config["bf16"] == {"enabled": False}
