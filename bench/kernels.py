@@ -1,6 +1,8 @@
 """Benchmark: one QLoRA training step, lorafleet's fused kernels vs plain PEFT + bitsandbytes (run by hand).
 
-Setup (full size): Llama architecture, hidden 512, 8 layers, vocab 32000, seq 512, batch 4, bf16 model,
+Setup (full size): Llama architecture, hidden 512, 8 layers, vocab 32000, seq 512, batch 4, `--dtype` model
+(default `auto`, what a job picks: bf16 where the device computes it natively, fp32 on AVX2-only CPUs, where bf16
+is emulated and a bf16 PEFT baseline would be ~20x slower than it needs to be),
 NF4 base, LoRA r=16 on all 7 projections, AdamW. Throughput of the two variants is measured in this process,
 alternating rounds of a few steps each (so load drift on the machine hits both); peak resident memory is
 measured for each variant in its own subprocess (ru_maxrss of a process that builds the model and runs steps).
@@ -10,7 +12,7 @@ measured for each variant in its own subprocess (ru_maxrss of a process that bui
     python bench/kernels.py --json     # ... and a last line of JSON
     python bench/kernels.py --profile  # ... and a torch.profiler table of each variant (2 steps)
 
-`mfu` is model FLOPs per second over this machine's bf16 matmul peak measured in the same run; model FLOPs per
+`mfu` is model FLOPs per second over this machine's matmul peak in the benchmark dtype, measured in the same run; model FLOPs per
 token count 4 x the frozen linear parameters (forward 2, input-gradient 2; no base weight gradients) plus
 6 x the LoRA parameters. Output: the table on stdout, progress on stderr.
 """
@@ -38,6 +40,9 @@ def log(*args):
     print(*args, file=sys.stderr, flush=True)
 
 
+DTYPE = torch.bfloat16  # set by main() from --dtype before anything is built
+
+
 def model_dir(size: dict) -> Path:
     from transformers import AutoModelForCausalLM
 
@@ -54,18 +59,18 @@ def model_dir(size: dict) -> Path:
                  head_dim=size["hidden"] // size["heads"]),
         )
         torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(path)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     return path
 
 
 def build(size: dict):
-    """The QLoRA model: NF4 base in bf16, LoRA on all 7 projections (PEFT keeps adapters in fp32), AdamW."""
+    """The QLoRA model: NF4 base computing in `DTYPE`, LoRA on all 7 projections (adapters in fp32), AdamW."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(model_dir(size), dtype=torch.bfloat16, device_map="cpu",
+                               bnb_4bit_compute_dtype=DTYPE)
+    model = AutoModelForCausalLM.from_pretrained(model_dir(size), dtype=DTYPE, device_map="cpu",
                                                  quantization_config=quant)
     for module in model.modules():
         if type(module).__name__ == "Linear4bit":
@@ -163,7 +168,8 @@ def _hwm() -> int:
 
 
 def measure_memory(size_name: str, variant: str, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--_memory-child", variant, "--_size", size_name, "--_steps", str(steps)]
+    cmd = [sys.executable, __file__, "--_memory-child", variant, "--_size", size_name, "--_steps", str(steps),
+           "--dtype", str(DTYPE).removeprefix("torch.")]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -189,10 +195,16 @@ def main(argv=None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--memory-steps", type=int, default=2, help="steps per peak-memory subprocess")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="model/compute dtype of both variants (auto: as a job on this machine)")
     parser.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_size", dest="size", default="full", help=argparse.SUPPRESS)
     parser.add_argument("--_steps", dest="child_steps", type=int, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global DTYPE
+    from lorafleet.model import torch_dtype
+
+    DTYPE = torch_dtype(args.dtype)
     if args.memory_child:
         child_memory(args.size, args.memory_child, args.child_steps)
         return 0
@@ -202,7 +214,7 @@ def main(argv=None) -> int:
     rounds = args.rounds or (2 if args.quick else 3)
     steps = args.steps or (2 if args.quick else 2)
     tokens = size["batch"] * size["seq"]
-    log(f"building {size_name} model {size} (torch threads: {torch.get_num_threads()})")
+    log(f"building {size_name} model {size}, {DTYPE} (torch threads: {torch.get_num_threads()})")
     model, optim, ids = build(size)
     flops_tok = model_flops_per_token(model)
 
@@ -221,9 +233,8 @@ def main(argv=None) -> int:
             log(f"round {r} {variant}: {sum(times[variant][-steps:]) / steps:.3f} s/step")
     peak_bf16 = matmul_peak(torch.bfloat16)
     peak_fp32 = matmul_peak(torch.float32)
-    # MFU is quoted against the bf16 matmul peak as asked; on CPUs without native bf16 GEMMs (AVX2-only) the
-    # fp32 peak is higher, and MFU against the best of the two is reported too.
-    peak = peak_bf16
+    # MFU against the peak of the dtype the step runs in (bf16 natively, else fp32), and against the best of both.
+    peak = peak_bf16 if DTYPE == torch.bfloat16 else peak_fp32
     peak_best = max(peak_bf16, peak_fp32)
 
     if args.profile:
@@ -247,7 +258,7 @@ def main(argv=None) -> int:
         rows.append((variant, sec, tps, mfu, mem.get(variant, {}).get("peak_rss")))
         result[variant] = {"s_per_step": sec, "tokens_per_s": tps, "mfu": mfu, "mfu_best_peak": tps * flops_tok / peak_best,
                            "peak_rss": mem.get(variant, {}).get("peak_rss")}
-    print(f"QLoRA step, {size_name}: {size} | matmul peak bf16 {peak_bf16 / 1e9:.1f} / fp32 {peak_fp32 / 1e9:.1f} GFLOP/s | "
+    print(f"QLoRA step, {size_name}, {DTYPE}: {size} | matmul peak bf16 {peak_bf16 / 1e9:.1f} / fp32 {peak_fp32 / 1e9:.1f} GFLOP/s | "
           f"{flops_tok / 1e6:.1f} MFLOP/token")
     print(f"{'variant':8} {'s/step':>8} {'tokens/s':>10} {'MFU':>7} {'peak RSS':>10}")
     for variant, sec, tps, mfu, rss in rows:
@@ -258,7 +269,7 @@ def main(argv=None) -> int:
     print(f"tokens/s fused/PEFT: {ratio:.2f}x" + (f" | peak RSS fused/PEFT: {mem_ratio:.2f}" if mem_ratio else ""))
     print(f"last losses: peft {losses['peft'][-1]:.4f} fused {losses['fused'][-1]:.4f}")
     if args.json:
-        print(json.dumps({"size": size_name, "tokens_per_s_ratio": ratio, "peak_mem_ratio": mem_ratio,
+        print(json.dumps({"size": size_name, "dtype": str(DTYPE), "tokens_per_s_ratio": ratio, "peak_mem_ratio": mem_ratio,
                           "mfu": result["fused"]["mfu"], "mfu_peft": result["peft"]["mfu"],
                           "mfu_best_peak": result["fused"]["mfu_best_peak"],
                           "bf16_peak_flops": peak_bf16, "fp32_peak_flops": peak_fp32, "variants": result}))

@@ -34,15 +34,9 @@ def fast_bf16(device: torch.device | str = "cpu") -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    from .kernels.lora_ops import cpu_half_matmul_is_native
+
+    return cpu_half_matmul_is_native()
 
 
 def torch_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:

@@ -229,8 +229,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     `config` carries `spec` (the validated spec as JSON), `base` (directory or hub id of the base model) and
     optionally `channel` (a `ray.util.queue.Queue` the driver reads step metrics from).
     """
-    from .model import build_model, load_tokenizer_for
+    from .alora import spec_invocation
     from .data import collate
+    from .model import build_model, load_tokenizer_for
     from .monitoring import export_step
     from .strategy import make_strategy
 
@@ -239,8 +240,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(spec.training.seed, ctx.rank)
     tokenizer = load_tokenizer_for(config["base"], spec.model.trust_remote_code)
     samples, targets, plan = load_data(spec, tokenizer)
-    from .alora import spec_invocation
-
     model, kernels = build_model(spec, config["base"], ctx.device, invocation_tokens=spec_invocation(spec, tokenizer))
     strategy = make_strategy(model, spec, ctx.device)
     start_step = resume(strategy, ctx)

@@ -15,6 +15,22 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
 
+# Overrides that shrink the default job to a few seconds of training: enough to exercise checkpoints, resume and
+# storage, in fp32 so results can be compared bitwise.
+SMALL_RUN = [
+    "kernels.enabled=false",
+    "model.config.num_hidden_layers=2",
+    "model.dtype=float32",
+    "quantization.compute_dtype=float32",
+    "training.dtype=float32",
+    "data.max_length=64",
+    "training.micro_batch_size=4",
+    "training.steps=6",
+    "training.warmup=1",
+    "checkpoint.every_n_steps=2",
+    "checkpoint.keep=2",
+]
+
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `lorafleet ARGS` in a fresh interpreter, the way a user does."""

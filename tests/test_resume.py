@@ -20,27 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import SMALL_RUN, run_cli
 
 pytestmark = pytest.mark.slow
 
-SMALL = [
-    "kernels.enabled=false",
-    "model.config.num_hidden_layers=2",
-    "model.dtype=float32",
-    "quantization.compute_dtype=float32",
-    "training.dtype=float32",
-    "data.max_length=64",
-    "training.micro_batch_size=4",
-    "training.steps=6",
-    "training.warmup=1",
-    "checkpoint.every_n_steps=2",
-    "checkpoint.keep=2",
-]
-
 
 def submit(name: str, storage: Path, *overrides: str, env: dict | None = None):
-    sets = [f"name={name}", f"checkpoint.storage={storage}", *SMALL, *overrides]
+    sets = [f"name={name}", f"checkpoint.storage={storage}", *SMALL_RUN, *overrides]
     proc = run_cli("submit", "jobs/llama.yaml", "--json", *[a for s in sets for a in ("--set", s)], env=env, timeout=600)
     lines = proc.stdout.strip().splitlines()
     summary = json.loads(lines[-1]) if lines else {}

@@ -17,26 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SMALL_RUN
 from s3_server import SECRET_KEY, s3_server  # noqa: F401
 
 from lorafleet.checkpoint import is_complete
 
 pytestmark = pytest.mark.slow
-
-SMALL = [
-    "kernels.enabled=false",
-    "model.config.num_hidden_layers=2",
-    "model.dtype=float32",
-    "quantization.compute_dtype=float32",
-    "training.dtype=float32",
-    "data.max_length=64",
-    "training.micro_batch_size=4",
-    "training.steps=6",
-    "training.warmup=1",
-    "checkpoint.every_n_steps=2",
-    "checkpoint.keep=2",
-]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +31,7 @@ def s3_run(s3_server, tmp_path_factory):  # noqa: F811
 
     prefix = "runs/team-a"
     args = [sys.executable, "-m", "lorafleet.cli", "submit", "jobs/llama.yaml", "--json", "--verbose"]
-    for item in [f"name=s3-job", f"checkpoint.storage=s3://{s3_server.bucket}/{prefix}", *SMALL]:
+    for item in [f"name=s3-job", f"checkpoint.storage=s3://{s3_server.bucket}/{prefix}", *SMALL_RUN]:
         args += ["--set", item]
     proc = subprocess.Popen(args, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stderr_lines: list[str] = []
