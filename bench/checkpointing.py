@@ -90,7 +90,8 @@ def main() -> None:
     folders: dict[str, int] = {}
     for obj in objects:
         parts = obj["Key"].split("/")
-        if parts[2].startswith("checkpoint_"):
+        # Folders only: Ray's checkpoint_manager_snapshot.json sits beside them and sorts after them.
+        if len(parts) > 3 and parts[2].startswith("checkpoint_"):
             folders[parts[2]] = folders.get(parts[2], 0) + obj["Size"]
     checkpoint_bytes = folders[sorted(folders)[-1]]
 
