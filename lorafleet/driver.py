@@ -12,7 +12,6 @@ import queue as _queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .spec import JobSpec, SpecError

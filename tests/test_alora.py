@@ -224,7 +224,6 @@ def test_loss_module_trains_only_after_the_invocation(inv_ids, fused):
 
 def test_checkpoint_is_a_peft_alora_adapter_and_merge_is_refused(tmp_path, inv_ids):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from lorafleet.generate import MergeRefused, merge_adapter
 

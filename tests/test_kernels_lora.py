@@ -10,7 +10,6 @@ act(g)*u in fp32 and rounds once; PEFT rounds after each op), so the bf16 result
 bf16 error (x1.5 + a small floor), and both paths must agree on the loss to 1e-3 relative.
 """
 
-import math
 
 import pytest
 import torch

@@ -1,14 +1,12 @@
 """End to end through `lorafleet submit`: the default job on 2 Ray workers, its adapter, and data-parallel math."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import JOBS, run_cli
