@@ -187,6 +187,34 @@ def fit_with_storage_retries(prepared: Prepared, channel: Any) -> Any:
             delay = min(delay * 2, 15.0)
 
 
+def remove_orphan_checkpoints(result: Any) -> int:
+    """Delete checkpoint folders in the run's storage that Ray Train does not hold as kept checkpoints.
+
+    A `fit()` that died mid-upload (e.g. storage went away) can leave folders its retry never registered, so Ray's
+    `keep` pruning would never see them. Called after a successful run, when the kept set is final.
+
+    Returns:
+        `int`: How many folders were removed.
+    """
+    from .storage import list_checkpoint_dirs
+
+    kept = [checkpoint for checkpoint, _ in (result.best_checkpoints or [])]
+    if result.checkpoint is None or not kept:
+        return 0
+    filesystem = result.checkpoint.filesystem
+    run_path = result.checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    keep_paths = {c.path.rstrip("/") for c in kept} | {result.checkpoint.path.rstrip("/")}
+    removed = 0
+    for path in list_checkpoint_dirs(filesystem, run_path):
+        if path.rstrip("/") not in keep_paths:
+            try:
+                filesystem.delete_dir(path)
+                removed += 1
+            except OSError:
+                pass  # best effort: a leftover folder costs space, never correctness (resume verifies)
+    return removed
+
+
 def run_job(
     spec: JobSpec,
     *,
@@ -290,6 +318,8 @@ def run_job(
     if result is not None and result.checkpoint is not None:
         from .storage import display_uri
 
+        if summary.status == "succeeded":
+            remove_orphan_checkpoints(result)
         summary.adapter_uri = display_uri(spec.storage_uri, result.checkpoint.path)
     elif summary.status == "succeeded" and not summary.already_complete:
         summary.status, summary.error = "failed", "the run finished without a checkpoint"
