@@ -81,6 +81,8 @@ def submit(
         from .cli_remote import submit_remote_command
 
         return submit_remote_command(spec, address, wait, as_json)
+    if wait:
+        fail("--wait: needs a Jobs API address (--address http://HEAD:8265 or RAY_ADDRESS); a local run always waits")
     from .driver import run_job
     from .progress import ProgressView
     from .spec import SpecError

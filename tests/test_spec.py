@@ -163,3 +163,11 @@ def test_jobs_readme_reference_is_current():
 def test_every_shipped_job_validates():
     for path in JOBS.glob("*.yaml"):
         load_spec(path)
+
+
+def test_cli_wait_without_an_address_is_refused(cli, tmp_path):
+    result = cli("submit", str(JOBS / "llama.yaml"), "--wait", "--set", f"checkpoint.storage={tmp_path / 'x'}",
+                 env={"RAY_ADDRESS": ""})
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: --wait: needs a Jobs API address")
+    assert "Traceback" not in result.stderr and not (tmp_path / "x").exists()
