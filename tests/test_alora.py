@@ -165,8 +165,14 @@ def test_packing_masks_each_sample_from_its_own_invocation(tok, inv_ids):
 # The layers
 
 
-def test_tokens_before_the_invocation_see_exactly_the_base_model(inv_ids):
+@pytest.mark.parametrize("kernels", [False, True])
+def test_tokens_before_the_invocation_see_exactly_the_base_model(inv_ids, kernels):
+    from lorafleet.kernels import apply_kernels
+    from lorafleet.spec import KernelsSpec
+
     model = tiny_alora(inv_ids)
+    if kernels:
+        apply_kernels(model, KernelsSpec())
     ids = torch.tensor([[1, 20, 30, 40, *inv_ids, 50, 60]])
     start = 4
     with torch.no_grad():
@@ -198,11 +204,16 @@ def test_mask_activation_equals_offsets_and_packed_rows_equal_separate_rows(inv_
     torch.testing.assert_close(packed[len(a) :], ref_b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("fused", [True, False])
-def test_loss_module_trains_only_after_the_invocation(inv_ids, fused):
+def test_loss_module_trains_only_after_the_invocation(inv_ids, fused, kernels):
+    from lorafleet.kernels import apply_kernels
     from lorafleet.model import LossModule
+    from lorafleet.spec import KernelsSpec
 
     model = tiny_alora(inv_ids).train()
+    if kernels:
+        assert apply_kernels(model, KernelsSpec(loss=fused)) == {"mlp": 2, "qkv": 2, "o": 2, **({"loss": 1} if fused else {})}
     for p in model.parameters():
         if p.requires_grad:
             p.grad = None

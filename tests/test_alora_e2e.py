@@ -29,6 +29,7 @@ def test_submit_alora_job_learns_the_judgment(cli, tmp_path):
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["status"] == "succeeded"
     assert summary["final_loss"] < 0.5 * summary["first_loss"], summary
+    assert summary["kernels"] == {"mlp": 4, "qkv": 4, "o": 4, "loss": 1}  # aLoRA layers run fused
     adapter = summary["adapter_uri"]
     config = json.loads(open(f"{adapter}/adapter_config.json").read())
     assert config["alora_invocation_tokens"][0] == 8 and config["alora_invocation_tokens"][-1] == 9

@@ -40,8 +40,8 @@ def _inputs(shape, dtype, seed=0):
 
 
 def _autograd(g, u, dh, name):
-    g32 = g.float().requires_grad_()
-    u32 = u.float().requires_grad_()
+    g32 = g.to(torch.float32, copy=True).requires_grad_()  # a copy: the callers pass the inputs on afterwards
+    u32 = u.to(torch.float32, copy=True).requires_grad_()
     h = HF_ACT[name](g32) * u32
     h.backward(dh.float())
     return h.detach(), g32.grad, u32.grad
@@ -66,11 +66,24 @@ def test_named_wrappers():
     torch.testing.assert_close(act.geglu_ref(g, u, approximate="tanh"), F.gelu(g, approximate="tanh") * u)
 
 
-def test_backward_writes_in_place():
-    g, u, dh = _inputs((3, 11), torch.bfloat16)
-    ptrs = (dh.data_ptr(), g.data_ptr(), u.data_ptr())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_writes_in_place(dtype):
+    g, u, dh = _inputs((3, 11), dtype)
+    want = _autograd(g, u, dh, "silu")
+    ptrs = (u.data_ptr(), g.data_ptr(), dh.data_ptr())
     h, dg, du = act.gated_backward_ref(dh, g, u, "silu")
     assert (h.data_ptr(), dg.data_ptr(), du.data_ptr()) == ptrs
+    for got, ref in zip((h, dg, du), want):
+        torch.testing.assert_close(got.float(), ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", act.ACTIVATIONS)
+def test_fp32_forward_is_bit_identical_to_the_hugging_face_mlp(name):
+    from transformers.activations import ACT2FN
+
+    hf = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[name]
+    g, u, _ = _inputs((5, 33), torch.float32)
+    assert torch.equal(act.gated_forward_ref(g, u, name), ACT2FN[hf](g) * u)
 
 
 def test_cpu_dispatch_uses_torch_without_interpreter_opt_in():

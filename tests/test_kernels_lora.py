@@ -241,13 +241,156 @@ def test_refuses_dora(saved_models):
     assert all("DoRA" in s["reason"] for s in model.lorafleet_kernel_report["skipped"])
 
 
-def test_refuses_alora(saved_models):
-    model = load_peft(saved_models["llama"], "none", torch.float32, alora_invocation_tokens=[5, 6],
-                      targets=["q_proj", "k_proj", "v_proj"])
-    summary = apply_kernels(model, KernelsSpec(mlp=False, o=False, loss=False))
-    assert summary == {"qkv": 0}
-    reasons = _skipped(model, "qkv")
-    assert len(reasons) == 2 and all("aLoRA" in r["reason"] for r in reasons)
+# ----------------------------------------------------------------------------------------------------------------
+# aLoRA: the fused paths add the LoRA update only on active tokens, like PEFT's aLoRA layers
+
+INVOKE = [5, 6]
+
+
+def alora_batch():
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(10, VOCAB, (3, 12), generator=gen)  # ids >= 10: no accidental invocation
+    ids[0, 3:5] = torch.tensor(INVOKE)  # adapter on from position 3
+    ids[1, 6:8] = torch.tensor(INVOKE)  # from position 6; positions 10-11 are right padding
+    mask = torch.ones_like(ids)  # row 2 has no invocation: the base model only
+    mask[1, 10:] = 0
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def alora_loss_and_grads(model, fused_loss, active=None, seed=5):
+    """Loss and grads with PEFT's own offsets (from input_ids through PeftModel.forward) or an explicit activation."""
+    from lorafleet.alora import activation
+
+    ids, mask, labels = alora_batch()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    if active is None:
+        loss, _ = lm_loss(model, ids, attention_mask=mask, labels=labels, fused=fused_loss)
+    else:
+        with activation(model, active) as causal_lm:
+            loss, _ = lm_loss(causal_lm, ids, attention_mask=mask, labels=labels, fused=fused_loss)
+    loss.backward()
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_alora_matches_peft_alora_layers(saved_models, family):
+    model = load_peft(saved_models[family], "nf4", torch.float32, alora_invocation_tokens=INVOKE, task_type="CAUSAL_LM")
+    loss_ref, grads_ref = alora_loss_and_grads(model, fused_loss=False)
+    assert apply_kernels(model, KernelsSpec()) == {"mlp": 2, "qkv": 2, "o": 2, "loss": 1}
+    assert model.lorafleet_kernel_report["skipped"] == []
+    # Full-logits loss through PeftModel.forward: the offsets reach the fused paths through PEFT's hooks.
+    loss, grads = alora_loss_and_grads(model, fused_loss=False)
+    assert_all_lora_grads(grads)
+    torch.testing.assert_close(loss, loss_ref, rtol=2e-6, atol=0)
+    assert rel_err(grads, grads_ref) < 2e-5
+    # lorafleet's training path: chunked loss, offsets applied with `activation` (row 0: 9, row 1: 6, row 2: none).
+    loss, grads = alora_loss_and_grads(model, fused_loss=True, active=[9, 6, None])
+    torch.testing.assert_close(loss, loss_ref, rtol=2e-6, atol=0)
+    assert rel_err(grads, grads_ref) < 2e-5
+
+
+def test_fused_alora_layers_differ_from_plain_lora(saved_models):
+    # The test above would also pass if both paths ignored the activation; aLoRA must differ from LoRA here.
+    alora = load_peft(saved_models["llama"], "none", torch.float32, alora_invocation_tokens=INVOKE,
+                      task_type="CAUSAL_LM")
+    plain = load_peft(saved_models["llama"], "none", torch.float32)
+    apply_kernels(alora, KernelsSpec())
+    apply_kernels(plain, KernelsSpec())
+    loss_alora, _ = alora_loss_and_grads(alora, fused_loss=True, active=[9, 6, None])
+    loss_plain, _ = alora_loss_and_grads(plain, fused_loss=True)
+    assert abs(loss_alora - loss_plain) > 1e-3
+
+
+def packed_mask(kind):
+    active = torch.zeros(3, 12, dtype=torch.bool)
+    if kind == "all":
+        active[:] = True
+    elif kind == "packed":  # row 0 holds two packed samples, each active from its own invocation
+        active[0, 2:5] = True
+        active[0, 8:] = True
+        active[1, 6:] = True
+    return active
+
+
+@pytest.mark.parametrize("kind", ["packed", "all", "none"])
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_fused_alora_mask_matches_reference_with_dropout(saved_models, kind, quant):
+    """Per-token masks (packed rows) against lorafleet's reference variant, dropout drawn in PEFT's order."""
+    model = load_peft(saved_models["gemma"], quant, torch.float32, dropout=0.25, alora_invocation_tokens=INVOKE,
+                      task_type="CAUSAL_LM")
+    active = packed_mask(kind)
+    loss_ref, grads_ref = alora_loss_and_grads(model, fused_loss=True, active=active)
+    with torch.no_grad(), model.disable_adapter():
+        ids, mask, labels = alora_batch()
+        base_loss, _ = lm_loss(model, ids, attention_mask=mask, labels=labels, fused=True)
+    apply_kernels(model, KernelsSpec())
+    loss, grads = alora_loss_and_grads(model, fused_loss=True, active=active)
+    torch.testing.assert_close(loss, loss_ref, rtol=2e-6, atol=0)
+    assert set(grads) == set(grads_ref) and len(grads) == 2 * len(TARGETS) * SMALL["num_hidden_layers"]
+    if kind == "none":
+        # Inactive everywhere: the base model's loss, and every adapter weight in the graph with a zero gradient.
+        torch.testing.assert_close(loss, base_loss, rtol=1e-6, atol=0)
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads.values())
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads_ref.values())
+    else:
+        assert_all_lora_grads(grads)
+        assert abs(loss - base_loss) > 1e-3
+        assert rel_err(grads, grads_ref) < 2e-5
+
+
+def test_fused_alora_ops_match_reference_variant():
+    """lora_qkv / lora_o / lora_mlp with `active` against PEFT's aLoRA arithmetic on a single layer stack."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorafleet.alora import activation
+    from lorafleet.kernels.lora_ops import lora_mlp, lora_o, lora_qkv
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(16, 16, bias=i == 0) for i in range(3))
+            self.o_proj = torch.nn.Linear(16, 16)
+            self.gate_proj, self.up_proj = torch.nn.Linear(16, 32), torch.nn.Linear(16, 32)
+            self.down_proj = torch.nn.Linear(32, 16)
+
+        def forward(self, x, fused=False, active=None):
+            if fused:
+                q, k, v = lora_qkv(x, self.q_proj, self.k_proj, self.v_proj, active=active)
+                h = lora_o(q * k + v, self.o_proj, active=active)
+                return lora_mlp(h, self.gate_proj, self.up_proj, self.down_proj, "silu", active=active)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            h = self.o_proj(q * k + v)
+            return self.down_proj(torch.nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False, lora_dropout=0.1, alora_invocation_tokens=INVOKE)
+    model = get_peft_model(Block(), config).train()
+    inner = model.base_model.model
+    x = torch.randn(2, 7, 16)
+    active = torch.tensor([[0, 0, 1, 1, 0, 1, 1], [0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    results = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(7)
+        with activation(model, active):
+            out = inner(xi, fused=fused, active=active)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        results.append((out.detach(), xi.grad, grads))
+    (out_ref, dx_ref, g_ref), (out, dx, g) = results
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
+    assert len(g) == 14 and all(g[k].abs().sum() > 0 for k in g)
+    assert rel_err(g, g_ref) < 1e-5
+    # Row 1 is inactive throughout: exactly the base block.
+    with torch.no_grad(), model.disable_adapter():
+        base = inner(x)
+    torch.testing.assert_close(out[1], base[1], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="active must be a bool tensor"):
+        lora_o(x, inner.o_proj, active=active.int())
 
 
 def test_refuses_several_active_adapters(saved_models):

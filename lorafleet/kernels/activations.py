@@ -5,21 +5,22 @@ Three layers, as in Liger-Kernel:
 - private `@triton.jit` kernels (`_gated_fwd_kernel`, `_gated_bwd_kernel`), defined only when Triton imports;
 - launchers (`gated_forward_triton`, `gated_backward_triton`) that view the inputs as 2-D `[rows, cols]` and pick
   the block size;
-- plain-torch references of the same math (`swiglu_ref`, `geglu_ref`, `gated_backward_ref`), which are also what
-  runs on CPU tensors.
+- plain-torch references of the same math (`swiglu_ref`, `geglu_ref`, `gated_backward_ref`), built on torch's own
+  activation and activation-backward ops (independent of the kernels' hand-written derivatives), which are also
+  what runs on CPU tensors.
 
 `gated_forward` / `gated_backward` pick the implementation by capability (Triton on CUDA tensors when Triton is
 importable, torch otherwise); nothing is chosen by trying and catching a crash.
 
 All variants load in the storage dtype, compute in fp32 and cast once on store. The backward recomputes the
-activation instead of keeping it from the forward and writes its three results into the three input buffers
-(`dh` receives `h = act(g) * u`, `g` receives `dg`, `u` receives `du`): the caller needs `h` once more (for the
-down projection's LoRA A gradient) and never needs `g`, `u`, `dh` again.
+activation instead of keeping it from the forward and writes its three results `h = act(g) * u`, `dg`, `du` into
+the three input buffers (the Triton kernel in `dh`, `g`, `u`; the torch version in `u`, `g`, `dh`, which saves a
+pass): the caller needs `h` once more (for the down projection's LoRA A gradient) and never needs `g`, `u`, `dh`
+again, so it uses the returned tensors.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Literal
 
@@ -38,11 +39,6 @@ except Exception:  # pragma: no cover - exercised only where triton is absent or
 Activation = Literal["silu", "gelu", "gelu_tanh"]
 ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "gelu_tanh")
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_GELU_C = 0.044715
-
 # Activation codes passed to the kernels as a constexpr (one compiled variant per activation).
 _ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
@@ -52,23 +48,20 @@ _ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _act_and_grad_fp32(g: torch.Tensor, activation: str, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`act(g)` and (optionally) `act'(g)` for an fp32 tensor `g`."""
+def _act(g: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "silu":
-        s = torch.sigmoid(g)
-        a = g * s
-        d = s * (1.0 + g * (1.0 - s)) if need_grad else None
-    elif activation == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(g * _INV_SQRT_2))
-        a = g * cdf
-        d = cdf + g * torch.exp(-0.5 * g * g) * _INV_SQRT_2PI if need_grad else None
-    elif activation == "gelu_tanh":
-        t = torch.tanh(_SQRT_2_OVER_PI * (g + _GELU_C * g * g * g))
-        a = 0.5 * g * (1.0 + t)
-        d = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * g * g) if need_grad else None
-    else:
-        raise ValueError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
-    return a, d
+        return torch.nn.functional.silu(g)
+    if activation in ("gelu", "gelu_tanh"):
+        return torch.nn.functional.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none")
+    raise ValueError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+
+
+def _act_backward_into(grad: torch.Tensor, g: torch.Tensor, activation: str, out: torch.Tensor) -> torch.Tensor:
+    """`grad * act'(g)` written into `out` (may be `g` itself: an elementwise op may overwrite its input)."""
+    if activation == "silu":
+        return torch.ops.aten.silu_backward.grad_input(grad, g, grad_input=out)
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    return torch.ops.aten.gelu_backward.grad_input(grad, g, approximate=approximate, grad_input=out)
 
 
 def gated_forward_ref(g: torch.Tensor, u: torch.Tensor, activation: Activation) -> torch.Tensor:
@@ -92,8 +85,9 @@ def gated_forward_ref(g: torch.Tensor, u: torch.Tensor, activation: Activation) 
 
     ```
     """
-    a, _ = _act_and_grad_fp32(g.float(), activation, need_grad=False)
-    return (a * u.float()).to(g.dtype)
+    if g.dtype == torch.float32:
+        return _act(g, activation).mul_(u)  # the same ops as the Hugging Face MLPs: bit-identical in fp32
+    return _act(g.float(), activation).mul_(u.float()).to(g.dtype)
 
 
 def swiglu_ref(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -119,16 +113,20 @@ def geglu_ref(g: torch.Tensor, u: torch.Tensor, approximate: Literal["none", "ta
 def gated_backward_ref(
     dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation: Activation
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of `h = act(g) * u`, recomputing `act(g)`, writing results into the input buffers.
+    """Backward of `h = act(g) * u`, recomputing `act(g)`, with its three results in the three input buffers.
+
+    Uses torch's own vectorized activation and activation-backward ops (the ones autograd runs for the Hugging Face
+    MLPs): five elementwise passes in fp32, none of them allocating a result that outlives the call.
 
     Args:
-        dh (`torch.Tensor`): Gradient of `h`; overwritten with `h`.
+        dh (`torch.Tensor`): Gradient of `h`; overwritten.
         g (`torch.Tensor`): Gate values; overwritten with `dL/dg`.
-        u (`torch.Tensor`): Up values; overwritten with `dL/du`.
+        u (`torch.Tensor`): Up values; overwritten.
         activation (`str`): `silu`, `gelu` or `gelu_tanh`.
 
     Returns:
-        `tuple[torch.Tensor, torch.Tensor, torch.Tensor]`: `(h, dg, du)`, which are the buffers `dh`, `g`, `u`.
+        `tuple[torch.Tensor, torch.Tensor, torch.Tensor]`: `(h, dg, du)`, held in the buffers `u`, `g`, `dh`
+        (the Triton kernel uses `dh`, `g`, `u`: callers use the returned tensors, not the buffer names).
 
     Example:
 
@@ -140,15 +138,16 @@ def gated_backward_ref(
 
     ```
     """
+    if g.dtype == torch.float32 and u.dtype == torch.float32 and dh.dtype == torch.float32:
+        a = _act(g, activation)
+        _act_backward_into(dh * u, g, activation, out=g)
+        return u.mul_(a), g, dh.mul_(a)
     g32, u32, dh32 = g.float(), u.float(), dh.float()
-    a, d = _act_and_grad_fp32(g32, activation, need_grad=True)
-    dg = dh32 * u32 * d
-    du = dh32 * a
-    h = a * u32
-    dh.copy_(h)
-    g.copy_(dg)
-    u.copy_(du)
-    return dh, g, u
+    a = _act(g32, activation)
+    g.copy_(_act_backward_into(dh32 * u32, g32, activation, out=g32))
+    u.copy_(a * u32)
+    dh.copy_(a.mul_(dh32))
+    return u, g, dh
 
 
 # ----------------------------------------------------------------------------------------------------------------

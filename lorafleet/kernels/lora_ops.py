@@ -182,15 +182,26 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _activated(lora: torch.Tensor, active: Optional[torch.Tensor]) -> torch.Tensor:
+    # aLoRA: zero the update on inactive rows, so those rows get the base output exactly (base + 0).
+    return lora if active is None else lora.mul_(active)
+
+
+def _inactive_rows_zeroed(grad: torch.Tensor, active: Optional[torch.Tensor]) -> torch.Tensor:
+    # Out of place: `grad` may be the very tensor the base path's input gradient is computed from.
+    return grad if active is None else grad * active
+
+
 class LoRAProjectionsFunction(torch.autograd.Function):
     """`y_i = base_i(x) + s_i * B_i A_i (x * noise_i)` for projections sharing the input `x` (Q/K/V, or O alone).
 
-    `forward(ctx, x, projs, dtypes, *tensors)` with `tensors = (A_1, B_1, noise_1, ..., A_n, B_n, noise_n)`;
-    returns the n outputs. Use [`lora_qkv`] / [`lora_o`] rather than calling this directly.
+    `forward(ctx, x, projs, dtypes, active, *tensors)` with `tensors = (A_1, B_1, noise_1, ..., A_n, B_n, noise_n)`
+    and `active` an optional `[tokens, 1]` 0/1 column (aLoRA: the LoRA update only on rows where it is 1); returns the
+    n outputs. Use [`lora_qkv`] / [`lora_o`] rather than calling this directly.
     """
 
     @staticmethod
-    def forward(ctx, x, projs, dtypes, *tensors):
+    def forward(ctx, x, projs, dtypes, active, *tensors):
         cd, ld, od = dtypes
         n = len(projs)
         x2 = x.reshape(-1, x.shape[-1])
@@ -202,11 +213,11 @@ class LoRAProjectionsFunction(torch.autograd.Function):
                 a_w, b_w, noise = tensors[3 * i : 3 * i + 3]
                 y = _cast(_base_linear(x_c, projs[i].base, cd), od)
                 a = _masked(x_l, noise) @ _cast(a_w, ld).t()
-                lora = (a @ _cast(b_w, ld).t()).mul_(projs[i].scaling)
+                lora = _activated((a @ _cast(b_w, ld).t()).mul_(projs[i].scaling), active)
                 outs.append((y + _cast(lora, od)).view(*x.shape[:-1], -1))
                 acts.append(a)
         ctx.projs, ctx.dtypes, ctx.x_shape = projs, dtypes, x.shape
-        ctx.save_for_backward(x2, *acts, *tensors)
+        ctx.save_for_backward(x2, active, *acts, *tensors)
         return tuple(outs)
 
     @staticmethod
@@ -222,7 +233,7 @@ class LoRAProjectionsFunction(torch.autograd.Function):
         projs = ctx.projs
         n = len(projs)
         saved = ctx.saved_tensors
-        x2, acts, tensors = saved[0], saved[1 : 1 + n], saved[1 + n :]
+        x2, active, acts, tensors = saved[0], saved[1], saved[2 : 2 + n], saved[2 + n :]
         x_l = _cast(x2, ld)
         dx_base = None
         dx_lora = None
@@ -238,7 +249,7 @@ class LoRAProjectionsFunction(torch.autograd.Function):
             w = dequantized_weight(projs[i].base, cd)
             g_c = _cast(g, cd)
             dx_base = g_c @ w if dx_base is None else dx_base.addmm_(g_c, w)
-            g_l = _cast(g, ld)
+            g_l = _inactive_rows_zeroed(_cast(g, ld), active)
             a_l, b_l = _cast(a_w, ld), _cast(b_w, ld)
             d_b = (g_l.t() @ acts[i]).mul_(s)
             t = (g_l @ b_l).mul_(s)
@@ -250,20 +261,21 @@ class LoRAProjectionsFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0] and dx_base is not None:
             dx = _cast(dx_base, x2.dtype) + _cast(dx_lora, x2.dtype)
             dx = dx.view(ctx.x_shape)
-        return (dx, None, None, *out_grads)
+        return (dx, None, None, None, *out_grads)
 
 
 class LoRAMLPFunction(torch.autograd.Function):
     """The gated LoRA MLP `down(act(gate(x)) * up(x))`, each projection `base + s * B A (dropout(.))`.
 
-    `forward(ctx, x, projs, dtypes, activation, A_g, B_g, n_g, A_u, B_u, n_u, A_d, B_d, n_d)`.
-    Saves `x`, the gate and up outputs and the three rank-r LoRA activations; the backward recomputes
-    `act(gate) * up` and writes gradients into the gate/up buffers (see [`~lorafleet.kernels.activations.gated_backward`]).
-    Use [`lora_mlp`] rather than calling this directly.
+    `forward(ctx, x, projs, dtypes, activation, active, A_g, B_g, n_g, A_u, B_u, n_u, A_d, B_d, n_d)`, `active` as in
+    [`LoRAProjectionsFunction`] (one column for all three projections: the MLP works token by token). Saves `x`,
+    the gate and up outputs and the three rank-r LoRA activations; the backward recomputes `act(gate) * up` and writes
+    gradients into the gate/up buffers (see [`~lorafleet.kernels.activations.gated_backward`]). Use [`lora_mlp`]
+    rather than calling this directly.
     """
 
     @staticmethod
-    def forward(ctx, x, projs, dtypes, activation, a_g, b_g, n_g, a_u, b_u, n_u, a_d, b_d, n_d):
+    def forward(ctx, x, projs, dtypes, activation, active, a_g, b_g, n_g, a_u, b_u, n_u, a_d, b_d, n_d):
         cd, ld, od = dtypes
         gate, up, down = projs
         x2 = x.reshape(-1, x.shape[-1])
@@ -275,7 +287,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             for proj, a_w, b_w, noise in ((gate, a_g, b_g, n_g), (up, a_u, b_u, n_u)):
                 y = _cast(_base_linear(x_c, proj.base, cd), od)
                 a = _masked(x_l, noise) @ _cast(a_w, ld).t()
-                y = y + _cast((a @ _cast(b_w, ld).t()).mul_(proj.scaling), od)
+                y = y + _cast(_activated((a @ _cast(b_w, ld).t()).mul_(proj.scaling), active), od)
                 acts.append(a)
                 hid.append(y)
             g, u = hid
@@ -283,9 +295,9 @@ class LoRAMLPFunction(torch.autograd.Function):
             h_l = _masked(_cast(h, ld), None if n_d is None else n_d.reshape(h.shape))
             a_dn = h_l @ _cast(a_d, ld).t()
             out = _cast(_base_linear(_cast(h, cd), down.base, cd), od)
-            out = out + _cast((a_dn @ _cast(b_d, ld).t()).mul_(down.scaling), od)
+            out = out + _cast(_activated((a_dn @ _cast(b_d, ld).t()).mul_(down.scaling), active), od)
         ctx.projs, ctx.dtypes, ctx.activation, ctx.x_shape = projs, dtypes, activation, x.shape
-        ctx.save_for_backward(x2, g, u, acts[0], acts[1], a_dn, a_g, b_g, n_g, a_u, b_u, n_u, a_d, b_d, n_d)
+        ctx.save_for_backward(x2, g, u, acts[0], acts[1], a_dn, active, a_g, b_g, n_g, a_u, b_u, n_u, a_d, b_d, n_d)
         return out.view(*x.shape[:-1], -1)
 
     @staticmethod
@@ -297,13 +309,13 @@ class LoRAMLPFunction(torch.autograd.Function):
     def _backward(ctx, grad):
         cd, ld, od = ctx.dtypes
         gate, up, down = ctx.projs
-        x2, g, u, act_g, act_u, act_d, a_g, b_g, n_g, a_u, b_u, n_u, a_d, b_d, n_d = ctx.saved_tensors
+        x2, g, u, act_g, act_u, act_d, active, a_g, b_g, n_g, a_u, b_u, n_u, a_d, b_d, n_d = ctx.saved_tensors
         dy = grad.reshape(-1, grad.shape[-1])
         n_d2 = None if n_d is None else n_d.reshape(g.shape)
 
         # Down projection: gradient of h = act(g) * u, base part plus LoRA part.
         dh = _cast(_cast(dy, cd) @ dequantized_weight(down.base, cd), od)
-        dy_l = _cast(dy, ld)
+        dy_l = _inactive_rows_zeroed(_cast(dy, ld), active)
         d_bd = (dy_l.t() @ act_d).mul_(down.scaling)
         t_d = (dy_l @ _cast(b_d, ld)).mul_(down.scaling)
         dh = dh.add_(_cast(_masked(t_d @ _cast(a_d, ld), n_d2), od))
@@ -322,7 +334,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             d_c = _cast(dproj, cd)
             w = dequantized_weight(proj.base, cd)
             dx_base = d_c @ w if dx_base is None else dx_base.addmm_(d_c, w)
-            d_l = _cast(dproj, ld)
+            d_l = _inactive_rows_zeroed(_cast(dproj, ld), active)
             d_b = (d_l.t() @ act).mul_(proj.scaling)
             t = (d_l @ _cast(b_w, ld)).mul_(proj.scaling)
             noise2 = None if noise is None else noise.reshape(x_l.shape)
@@ -331,11 +343,39 @@ class LoRAMLPFunction(torch.autograd.Function):
             dx_lora = d_xl if dx_lora is None else dx_lora.add_(d_xl)
             grads += [_cast(d_a, a_w.dtype), _cast(d_b, b_w.dtype), None]
         dx = (_cast(dx_base, x2.dtype) + _cast(dx_lora, x2.dtype)).view(ctx.x_shape)
-        return (dx, None, None, None, *grads, _cast(d_ad, a_d.dtype), _cast(d_bd, b_d.dtype), None)
+        return (dx, None, None, None, None, *grads, _cast(d_ad, a_d.dtype), _cast(d_bd, b_d.dtype), None)
 
 
-def _noises(projs, x: torch.Tensor, ld_drop: torch.dtype, shapes) -> list[Optional[torch.Tensor]]:
-    return [p.noise(shape, ld_drop, x.device) for p, shape in zip(projs, shapes)]
+def _noises(projs, x: torch.Tensor, drop_dtype: torch.dtype, widths, active: Optional[torch.Tensor]) -> list:
+    """Per projection, the `[tokens, width]` dropout keep-mask PEFT would draw (None without dropout).
+
+    PEFT's aLoRA layers drop only the active rows (`dropout(x[mask])`), so with `active` the draw has that shape
+    (same random numbers as PEFT) and is scattered into a mask of ones (inactive rows get no LoRA update anyway).
+    """
+    tokens = x.shape[:-1].numel()
+    rows = None if active is None else active.reshape(-1)
+    out = []
+    for proj, width in zip(projs, widths):
+        if rows is None:
+            noise = proj.noise((*x.shape[:-1], width), drop_dtype, x.device)
+        else:
+            drawn = proj.noise((int(rows.sum()), width), drop_dtype, x.device)
+            noise = None
+            if drawn is not None:
+                noise = torch.ones((tokens, width), dtype=drop_dtype, device=x.device)
+                noise[rows] = drawn
+        out.append(None if noise is None else noise.reshape(tokens, width))
+    return out
+
+
+def _active_column(x: torch.Tensor, active: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    if active is None:
+        return None
+    if active.dtype != torch.bool or active.shape != x.shape[:-1]:
+        raise ValueError(
+            f"active must be a bool tensor of shape {tuple(x.shape[:-1])}, got {active.dtype} {tuple(active.shape)}"
+        )
+    return active.reshape(-1, 1).to(device=x.device, dtype=dtype)
 
 
 def _drop_dtype(x: torch.Tensor, proj: LoRAProjection) -> torch.dtype:
@@ -346,7 +386,7 @@ def _drop_dtype(x: torch.Tensor, proj: LoRAProjection) -> torch.dtype:
 
 
 def lora_qkv(
-    x: torch.Tensor, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module
+    x: torch.Tensor, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module, active: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q, K and V of `x` through three PEFT LoRA layers with one fused Function (one backward for the block).
 
@@ -354,6 +394,10 @@ def lora_qkv(
         x (`torch.Tensor`): `[..., hidden]` attention input.
         q_proj, k_proj, v_proj (`peft.tuners.lora.LoraLayer`): LoRA layers with one active adapter each, over a
             frozen `nn.Linear` or bnb `Linear4bit` (biases allowed, frozen).
+        active (`torch.BoolTensor`, *optional*):
+            aLoRA activation, `x.shape[:-1]`: the LoRA update is added only where True (PEFT's aLoRA arithmetic);
+            elsewhere the output is the base layer's, and no gradient reaches A/B from those tokens. `None` means
+            active everywhere (plain LoRA).
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor, torch.Tensor]`: The three projections, `[..., out_i]`.
@@ -376,31 +420,42 @@ def lora_qkv(
     ```
     """
     projs = tuple(LoRAProjection.from_peft(m) for m in (q_proj, k_proj, v_proj))
-    return _projections(x, projs)
+    return _projections(x, projs, active)
 
 
-def lora_o(x: torch.Tensor, o_proj: nn.Module) -> torch.Tensor:
+def lora_o(x: torch.Tensor, o_proj: nn.Module, active: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The attention output projection through a PEFT LoRA layer as one fused Function. See [`lora_qkv`]."""
-    return _projections(x, (LoRAProjection.from_peft(o_proj),))[0]
+    return _projections(x, (LoRAProjection.from_peft(o_proj),), active)[0]
 
 
-def _projections(x: torch.Tensor, projs: tuple[LoRAProjection, ...]) -> tuple[torch.Tensor, ...]:
+def _projections(
+    x: torch.Tensor, projs: tuple[LoRAProjection, ...], active: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
     dtypes = _dtypes(x, projs[0])
-    drop = _drop_dtype(x, projs[0])
-    noises = _noises(projs, x, drop, [x.shape] * len(projs))
+    column = _active_column(x, active, dtypes[1])
+    noises = _noises(projs, x, _drop_dtype(x, projs[0]), [x.shape[-1]] * len(projs), active)
     flat: list = []
     for p, n in zip(projs, noises):
-        flat += [p.lora_A, p.lora_B, None if n is None else _cast(n, dtypes[1]).reshape(-1, x.shape[-1])]
-    return LoRAProjectionsFunction.apply(x, projs, dtypes, *flat)
+        flat += [p.lora_A, p.lora_B, None if n is None else _cast(n, dtypes[1])]
+    return LoRAProjectionsFunction.apply(x, projs, dtypes, column, *flat)
 
 
-def lora_mlp(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, activation: str) -> torch.Tensor:
+def lora_mlp(
+    x: torch.Tensor,
+    gate_proj: nn.Module,
+    up_proj: nn.Module,
+    down_proj: nn.Module,
+    activation: str,
+    active: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """`down(act(gate(x)) * up(x))` over three PEFT LoRA layers, as one fused autograd Function.
 
     Args:
         x (`torch.Tensor`): `[..., hidden]` MLP input.
         gate_proj, up_proj, down_proj (`peft.tuners.lora.LoraLayer`): LoRA layers, one active adapter each.
         activation (`str`): `silu` (SwiGLU), `gelu` (exact GeGLU) or `gelu_tanh` (tanh-approximated GeGLU).
+        active (`torch.BoolTensor`, *optional*): aLoRA activation of each token, as in [`lora_qkv`] (the same mask
+            for all three projections).
 
     Returns:
         `torch.Tensor`: `[..., hidden]`.
@@ -425,10 +480,10 @@ def lora_mlp(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module, down_pro
     projs = tuple(LoRAProjection.from_peft(m) for m in (gate_proj, up_proj, down_proj))
     dtypes = _dtypes(x, projs[0])
     inter = projs[0].lora_B.shape[0]
-    drop = _drop_dtype(x, projs[0])
+    column = _active_column(x, active, dtypes[1])
     # Same order as PEFT's MLP forward: gate's dropout, then up's, then down's.
-    noises = _noises(projs, x, drop, [x.shape, x.shape, (*x.shape[:-1], inter)])
+    noises = _noises(projs, x, _drop_dtype(x, projs[0]), [x.shape[-1], x.shape[-1], inter], active)
     flat = []
     for p, n in zip(projs, noises):
-        flat += [p.lora_A, p.lora_B, None if n is None else _cast(n, dtypes[1]).reshape(-1, n.shape[-1])]
-    return LoRAMLPFunction.apply(x, projs, dtypes, activation, *flat)
+        flat += [p.lora_A, p.lora_B, None if n is None else _cast(n, dtypes[1])]
+    return LoRAMLPFunction.apply(x, projs, dtypes, activation, column, *flat)

@@ -8,6 +8,10 @@ edits library source. Every layer/path it does not fuse is listed with a reason 
 Each patched forward re-checks cheap runtime conditions (adapters disabled, merged, another adapter activated,
 extra call arguments) and runs the original forward when they do not hold, so PEFT's context managers such as
 `disable_adapter()` keep working.
+
+aLoRA (activated LoRA) layers are fused too: the patched forwards read the activation PEFT hands its aLoRA layers
+for the current call (per-row `alora_offsets`, or lorafleet's per-token mask for packed rows) and pass it to the
+fused Functions, which add the LoRA update only on active tokens, as PEFT's own aLoRA layers do.
 """
 
 from __future__ import annotations
@@ -112,10 +116,8 @@ def lora_refusal(layer: Any, name: str) -> Optional[str]:
     if adapter not in layer.lora_A:
         return f"{name} has no LoRA weights for active adapter {adapter!r}"
     variant = getattr(layer, "lora_variant", {}).get(adapter)
-    if variant is not None:
+    if variant is not None and not is_alora(layer, adapter):
         vname = type(variant).__name__
-        if "alora" in vname.lower():
-            return f"{name} is an aLoRA (activated LoRA) layer; fused aLoRA is not supported yet"
         if "dora" in vname.lower():
             return f"{name} uses DoRA; fused DoRA is not supported"
         return f"{name} uses the LoRA variant {vname}; not supported by the fused path"
@@ -145,6 +147,60 @@ def lora_refusal(layer: Any, name: str) -> Optional[str]:
     return None
 
 
+def is_alora(layer: nn.Module, adapter: str) -> bool:
+    """Whether `adapter` of the PEFT LoRA layer `layer` is an activated LoRA (PEFT's aLoRA variant)."""
+    from peft.tuners.lora.variants import ALoraLinearVariant
+
+    return isinstance(getattr(layer, "lora_variant", {}).get(adapter), ALoraLinearVariant)
+
+
+def _hooked_alora_offsets(layer: nn.Module) -> Any:
+    """The `alora_offsets` PEFT's forward pre-hooks would pass to `layer` now (None when no hook is set).
+
+    PEFT activates aLoRA layers by registering, for the duration of a forward, a pre-hook on every LoRA layer that
+    adds `alora_offsets=...` to the layer's call. The fused paths compute the projections without calling the
+    layers, so they read the value from the hook (the last one registered wins, as it would in the call).
+    """
+    found = None
+    for hook in layer._forward_pre_hooks.values():
+        if getattr(getattr(hook, "func", None), "__name__", "") == "_alora_offsets_pre_forward_hook":
+            found = hook.keywords["alora_offsets"]
+    return found
+
+
+def alora_active(offsets: Any, x: torch.Tensor) -> torch.Tensor:
+    """The bool activation mask (`x.shape[:-1]`) PEFT's aLoRA layer computes from `alora_offsets` for input `x`.
+
+    Args:
+        offsets (`list`, `torch.BoolTensor` or `None`): What PEFT passes as `alora_offsets`: per-row offsets
+            (`None` entries: no invocation in that row), a per-token bool mask (lorafleet's packed rows, see
+            [`~lorafleet.alora.activation`]), or `None` (no activation anywhere: the base model's output).
+        x (`torch.Tensor`): The layer input, `[batch, tokens, in]` or `[batch, in]`.
+
+    Returns:
+        `torch.BoolTensor`: True where the adapter acts.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> alora_active([2, None], torch.zeros(2, 3, 4)).int().tolist()
+    [[0, 1, 1], [0, 0, 0]]
+
+    ```
+    """
+    from ..alora import offsets_to_mask
+
+    if offsets is None:
+        return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+    if isinstance(offsets, torch.Tensor) and offsets.dtype == torch.bool:
+        if offsets.shape != x.shape[:-1]:
+            raise ValueError(f"aLoRA activation mask {tuple(offsets.shape)} does not match the input {tuple(x.shape[:-1])}")
+        return offsets.to(x.device)
+    tokens = x.shape[1] if x.dim() == 3 else 1
+    return offsets_to_mask(list(offsets), tokens, device=x.device).reshape(x.shape[:-1])
+
+
 def _still_fusable(layers: tuple[nn.Module, ...], adapter: str) -> bool:
     for layer in layers:
         if layer.disable_adapters or layer.merged or list(layer.active_adapters) != [adapter]:
@@ -157,17 +213,30 @@ def _still_fusable(layers: tuple[nn.Module, ...], adapter: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _activation_for(layer: nn.Module, adapter: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+    # Read per call: the hook, hence the activation, changes with every batch.
+    if not is_alora(layer, adapter):
+        return None
+    return alora_active(_hooked_alora_offsets(layer), x)
+
+
 def _mlp_forward(self, x, *args, **kwargs):
     projs = (self.gate_proj, self.up_proj, self.down_proj)
     if args or kwargs or not _still_fusable(projs, self._lorafleet_adapter):
         return getattr(self, _ORIG)(x, *args, **kwargs)
-    return lora_mlp(x, *projs, self._lorafleet_activation)
+    return lora_mlp(x, *projs, self._lorafleet_activation, _activation_for(self.gate_proj, self._lorafleet_adapter, x))
 
 
 def _o_forward(self, x, *args, **kwargs):
-    if args or kwargs or not _still_fusable((self,), self._lorafleet_adapter):
+    adapter = self._lorafleet_adapter
+    alora = is_alora(self, adapter)
+    # PEFT's pre-hook hands aLoRA layers their activation as a call argument.
+    offsets = kwargs.pop("alora_offsets", None) if alora else None
+    if args or kwargs or not _still_fusable((self,), adapter):
+        if alora:
+            kwargs["alora_offsets"] = offsets
         return getattr(self, _ORIG)(x, *args, **kwargs)
-    return lora_o(x, self)
+    return lora_o(x, self, alora_active(offsets, x) if alora else None)
 
 
 def _attention_forward(
@@ -186,7 +255,9 @@ def _attention_forward(
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
 
-    query, key, value = lora_qkv(hidden_states, *projs)
+    query, key, value = lora_qkv(
+        hidden_states, *projs, active=_activation_for(self.q_proj, self._lorafleet_adapter, hidden_states)
+    )
     query = query.view(hidden_shape).transpose(1, 2)
     key = key.view(hidden_shape).transpose(1, 2)
     value = value.view(hidden_shape).transpose(1, 2)
@@ -273,7 +344,11 @@ def _check_group(owner: nn.Module, names: tuple[str, ...]) -> tuple[Optional[str
         adapters.add(layer.active_adapters[0])
     if len(adapters) != 1:
         return f"{', '.join(names)} have different active adapters {sorted(adapters)}", None
-    return None, adapters.pop()
+    adapter = adapters.pop()
+    kinds = {is_alora(getattr(owner, name), adapter) for name in names}
+    if len(kinds) != 1:
+        return f"{', '.join(names)} mix aLoRA and plain LoRA layers", None
+    return None, adapter
 
 
 def apply_kernels(model: nn.Module, spec: Any) -> dict[str, int]:
