@@ -182,14 +182,89 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _activated(lora: torch.Tensor, active: Optional[torch.Tensor]) -> torch.Tensor:
-    # aLoRA: zero the update on inactive rows, so those rows get the base output exactly (base + 0).
-    return lora if active is None else lora.mul_(active)
+def _lora_forward(
+    x_c: torch.Tensor,
+    x_l: torch.Tensor,
+    proj: LoRAProjection,
+    a_w: torch.Tensor,
+    b_w: torch.Tensor,
+    noise: Optional[torch.Tensor],
+    active: Optional[torch.Tensor],
+    dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(base(x) + s * B A (x * noise) on active rows, A (x * noise) with inactive rows zeroed)` for 2-D inputs.
+
+    `x_c` / `x_l` are the input in the base and LoRA dtypes. Zeroing the rank-r activation's inactive rows (aLoRA)
+    zeroes their LoRA update exactly, so those rows get the base output bit for bit, and it is what the backward
+    needs for B's gradient. When base and LoRA compute in one dtype, the update is accumulated into the base output
+    by the GEMM itself (`addmm_`), with no separate scaling and sum passes over the `[tokens, out]` output.
+    """
+    cd, ld, od = dtypes
+    y = _base_linear(x_c, proj.base, cd)
+    a = _masked(x_l, noise) @ _cast(a_w, ld).t()
+    if active is not None:
+        a.mul_(active)
+    if cd == ld:
+        return _cast(y.addmm_(a, _cast(b_w, ld).t(), alpha=proj.scaling), od), a
+    return _cast(y, od) + _cast((a @ _cast(b_w, ld).t()).mul_(proj.scaling), od), a
 
 
-def _inactive_rows_zeroed(grad: torch.Tensor, active: Optional[torch.Tensor]) -> torch.Tensor:
-    # Out of place: `grad` may be the very tensor the base path's input gradient is computed from.
-    return grad if active is None else grad * active
+class _InputGrad:
+    """Sums the input gradient of several projections: base parts (base dtype) and LoRA parts (LoRA dtype).
+
+    A LoRA part without dropout goes into the base sum by `addmm_` when the dtypes agree (no `[tokens, in]`
+    temporary); otherwise it is summed apart (it needs the dropout mask, or a different dtype) and added at the end.
+    """
+
+    def __init__(self, cd: torch.dtype, ld: torch.dtype):
+        self.cd, self.ld = cd, ld
+        self.base: Optional[torch.Tensor] = None
+        self.lora: Optional[torch.Tensor] = None
+
+    def add_base(self, grad_c: torch.Tensor, weight: torch.Tensor) -> None:
+        self.base = grad_c @ weight if self.base is None else self.base.addmm_(grad_c, weight)
+
+    def add_lora(self, t: torch.Tensor, a_l: torch.Tensor, noise: Optional[torch.Tensor]) -> None:
+        if noise is None and self.cd == self.ld and self.base is not None:
+            self.base.addmm_(t, a_l)
+            return
+        part = _masked(t @ a_l, noise)
+        self.lora = part if self.lora is None else self.lora.add_(part)
+
+    def total(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.lora is None:
+            return _cast(self.base, dtype)
+        if self.base.dtype == self.lora.dtype:
+            return _cast(self.base.add_(self.lora), dtype)
+        return _cast(self.base, dtype) + _cast(self.lora, dtype)
+
+
+def _lora_backward(
+    grad: torch.Tensor,
+    x_l: torch.Tensor,
+    a: torch.Tensor,
+    proj: LoRAProjection,
+    a_w: torch.Tensor,
+    b_w: torch.Tensor,
+    noise: Optional[torch.Tensor],
+    active: Optional[torch.Tensor],
+    dx: _InputGrad,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of one projection (see [`_lora_forward`]) for the 2-D output gradient `grad`.
+
+    Adds the input gradient (base and LoRA parts) to `dx`; returns the gradients of A and B in their own dtypes.
+    """
+    ld, s = dx.ld, proj.scaling
+    dx.add_base(_cast(grad, dx.cd), dequantized_weight(proj.base, dx.cd))
+    g_l = _cast(grad, ld)
+    a_l, b_l = _cast(a_w, ld), _cast(b_w, ld)
+    d_b = (g_l.t() @ a).mul_(s)  # `a` has zero rows where the adapter is off
+    t = (g_l @ b_l).mul_(s)
+    if active is not None:
+        t.mul_(active)
+    d_a = t.t() @ _masked(x_l, noise)
+    dx.add_lora(t, a_l, noise)
+    return _cast(d_a, a_w.dtype), _cast(d_b, b_w.dtype)
 
 
 class LoRAProjectionsFunction(torch.autograd.Function):
@@ -203,18 +278,13 @@ class LoRAProjectionsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, projs, dtypes, active, *tensors):
         cd, ld, od = dtypes
-        n = len(projs)
         x2 = x.reshape(-1, x.shape[-1])
-        x_c = _cast(x2, cd)
-        x_l = _cast(x2, ld)
+        x_c, x_l = _cast(x2, cd), _cast(x2, ld)
         outs, acts = [], []
         with torch.autocast(x.device.type, enabled=False):
-            for i in range(n):
-                a_w, b_w, noise = tensors[3 * i : 3 * i + 3]
-                y = _cast(_base_linear(x_c, projs[i].base, cd), od)
-                a = _masked(x_l, noise) @ _cast(a_w, ld).t()
-                lora = _activated((a @ _cast(b_w, ld).t()).mul_(projs[i].scaling), active)
-                outs.append((y + _cast(lora, od)).view(*x.shape[:-1], -1))
+            for i, proj in enumerate(projs):
+                y, a = _lora_forward(x_c, x_l, proj, *tensors[3 * i : 3 * i + 3], active, dtypes)
+                outs.append(y.view(*x.shape[:-1], -1))
                 acts.append(a)
         ctx.projs, ctx.dtypes, ctx.x_shape = projs, dtypes, x.shape
         ctx.save_for_backward(x2, active, *acts, *tensors)
@@ -230,38 +300,24 @@ class LoRAProjectionsFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, *grads):
         cd, ld, od = ctx.dtypes
-        projs = ctx.projs
-        n = len(projs)
+        n = len(ctx.projs)
         saved = ctx.saved_tensors
         x2, active, acts, tensors = saved[0], saved[1], saved[2 : 2 + n], saved[2 + n :]
         x_l = _cast(x2, ld)
-        dx_base = None
-        dx_lora = None
+        dx = _InputGrad(cd, ld)
         out_grads: list = []
-        for i in range(n):
+        for i, proj in enumerate(ctx.projs):
             a_w, b_w, noise = tensors[3 * i : 3 * i + 3]
-            g = grads[i]
-            if g is None:
+            if grads[i] is None:
                 out_grads += [None, None, None]
                 continue
-            g = g.reshape(-1, g.shape[-1])
-            s = projs[i].scaling
-            w = dequantized_weight(projs[i].base, cd)
-            g_c = _cast(g, cd)
-            dx_base = g_c @ w if dx_base is None else dx_base.addmm_(g_c, w)
-            g_l = _inactive_rows_zeroed(_cast(g, ld), active)
-            a_l, b_l = _cast(a_w, ld), _cast(b_w, ld)
-            d_b = (g_l.t() @ acts[i]).mul_(s)
-            t = (g_l @ b_l).mul_(s)
-            d_a = t.t() @ _masked(x_l, noise)
-            d_xl = _masked(t @ a_l, noise)
-            dx_lora = d_xl if dx_lora is None else dx_lora.add_(d_xl)
-            out_grads += [_cast(d_a, a_w.dtype), _cast(d_b, b_w.dtype), None]
-        dx = None
-        if ctx.needs_input_grad[0] and dx_base is not None:
-            dx = _cast(dx_base, x2.dtype) + _cast(dx_lora, x2.dtype)
-            dx = dx.view(ctx.x_shape)
-        return (dx, None, None, None, *out_grads)
+            g = grads[i].reshape(-1, grads[i].shape[-1])
+            d_a, d_b = _lora_backward(g, x_l, acts[i], proj, a_w, b_w, noise, active, dx)
+            out_grads += [d_a, d_b, None]
+        grad_x = None
+        if ctx.needs_input_grad[0] and dx.base is not None:
+            grad_x = dx.total(x2.dtype).view(ctx.x_shape)
+        return (grad_x, None, None, None, *out_grads)
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -280,24 +336,13 @@ class LoRAMLPFunction(torch.autograd.Function):
         gate, up, down = projs
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
-            x_c = _cast(x2, cd)  # one cast shared by gate and up (PEFT/bnb cast once per projection)
-            x_l = _cast(x2, ld)
-            acts = []
-            hid = []
-            for proj, a_w, b_w, noise in ((gate, a_g, b_g, n_g), (up, a_u, b_u, n_u)):
-                y = _cast(_base_linear(x_c, proj.base, cd), od)
-                a = _masked(x_l, noise) @ _cast(a_w, ld).t()
-                y = y + _cast(_activated((a @ _cast(b_w, ld).t()).mul_(proj.scaling), active), od)
-                acts.append(a)
-                hid.append(y)
-            g, u = hid
+            x_c, x_l = _cast(x2, cd), _cast(x2, ld)  # one cast shared by gate and up (PEFT/bnb cast once per projection)
+            g, act_g = _lora_forward(x_c, x_l, gate, a_g, b_g, n_g, active, dtypes)
+            u, act_u = _lora_forward(x_c, x_l, up, a_u, b_u, n_u, active, dtypes)
             h = _act.gated_forward(g, u, activation)
-            h_l = _masked(_cast(h, ld), None if n_d is None else n_d.reshape(h.shape))
-            a_dn = h_l @ _cast(a_d, ld).t()
-            out = _cast(_base_linear(_cast(h, cd), down.base, cd), od)
-            out = out + _cast(_activated((a_dn @ _cast(b_d, ld).t()).mul_(down.scaling), active), od)
+            out, act_d = _lora_forward(_cast(h, cd), _cast(h, ld), down, a_d, b_d, n_d, active, dtypes)
         ctx.projs, ctx.dtypes, ctx.activation, ctx.x_shape = projs, dtypes, activation, x.shape
-        ctx.save_for_backward(x2, g, u, acts[0], acts[1], a_dn, active, a_g, b_g, n_g, a_u, b_u, n_u, a_d, b_d, n_d)
+        ctx.save_for_backward(x2, g, u, act_g, act_u, act_d, active, a_g, b_g, n_g, a_u, b_u, n_u, a_d, b_d, n_d)
         return out.view(*x.shape[:-1], -1)
 
     @staticmethod
@@ -311,39 +356,32 @@ class LoRAMLPFunction(torch.autograd.Function):
         gate, up, down = ctx.projs
         x2, g, u, act_g, act_u, act_d, active, a_g, b_g, n_g, a_u, b_u, n_u, a_d, b_d, n_d = ctx.saved_tensors
         dy = grad.reshape(-1, grad.shape[-1])
-        n_d2 = None if n_d is None else n_d.reshape(g.shape)
 
-        # Down projection: gradient of h = act(g) * u, base part plus LoRA part.
-        dh = _cast(_cast(dy, cd) @ dequantized_weight(down.base, cd), od)
-        dy_l = _inactive_rows_zeroed(_cast(dy, ld), active)
+        # Down projection: gradient of h = act(g) * u. A's gradient needs h, which only exists after the gated
+        # backward below, so it is formed there from the rank-r `t_d`.
+        dh = _InputGrad(cd, ld)
+        dy_l = _cast(dy, ld)
+        dh.add_base(_cast(dy, cd), dequantized_weight(down.base, cd))
         d_bd = (dy_l.t() @ act_d).mul_(down.scaling)
         t_d = (dy_l @ _cast(b_d, ld)).mul_(down.scaling)
-        dh = dh.add_(_cast(_masked(t_d @ _cast(a_d, ld), n_d2), od))
+        if active is not None:
+            t_d.mul_(active)
+        dh.add_lora(t_d, _cast(a_d, ld), n_d)
+        dh = dh.total(od)
         if not dh.is_contiguous():
             dh = dh.contiguous()
 
-        # In place: dh <- h (recomputed), g <- dL/dg, u <- dL/du.
+        # In place: the gate/up buffers and dh receive h (recomputed), dL/dg and dL/du.
         h, dg, du = _act.gated_backward(dh, g, u, ctx.activation)
-        d_ad = t_d.t() @ _masked(_cast(h, ld), n_d2)
+        d_ad = t_d.t() @ _masked(_cast(h, ld), n_d)
 
         x_l = _cast(x2, ld)
-        dx_base = None
-        dx_lora = None
+        dx = _InputGrad(cd, ld)
         grads = []
-        for proj, dproj, act, a_w, b_w, noise in ((gate, dg, act_g, a_g, b_g, n_g), (up, du, act_u, a_u, b_u, n_u)):
-            d_c = _cast(dproj, cd)
-            w = dequantized_weight(proj.base, cd)
-            dx_base = d_c @ w if dx_base is None else dx_base.addmm_(d_c, w)
-            d_l = _inactive_rows_zeroed(_cast(dproj, ld), active)
-            d_b = (d_l.t() @ act).mul_(proj.scaling)
-            t = (d_l @ _cast(b_w, ld)).mul_(proj.scaling)
-            noise2 = None if noise is None else noise.reshape(x_l.shape)
-            d_a = t.t() @ _masked(x_l, noise2)
-            d_xl = _masked(t @ _cast(a_w, ld), noise2)
-            dx_lora = d_xl if dx_lora is None else dx_lora.add_(d_xl)
-            grads += [_cast(d_a, a_w.dtype), _cast(d_b, b_w.dtype), None]
-        dx = (_cast(dx_base, x2.dtype) + _cast(dx_lora, x2.dtype)).view(ctx.x_shape)
-        return (dx, None, None, None, None, *grads, _cast(d_ad, a_d.dtype), _cast(d_bd, b_d.dtype), None)
+        for proj, dproj, a, a_w, b_w, noise in ((gate, dg, act_g, a_g, b_g, n_g), (up, du, act_u, a_u, b_u, n_u)):
+            grads += [*_lora_backward(dproj, x_l, a, proj, a_w, b_w, noise, active, dx), None]
+        return (dx.total(x2.dtype).view(ctx.x_shape), None, None, None, None, *grads,
+                _cast(d_ad, a_d.dtype), _cast(d_bd, b_d.dtype), None)
 
 
 def _noises(projs, x: torch.Tensor, drop_dtype: torch.dtype, widths, active: Optional[torch.Tensor]) -> list:
