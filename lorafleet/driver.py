@@ -160,11 +160,24 @@ def _storage_outage(exc: BaseException) -> bool:
     return isinstance(cause, OSError)
 
 
+def _storage_reachable(spec: JobSpec) -> bool:
+    from .storage import run_location
+
+    path, filesystem = run_location(spec.checkpoint.storage, spec.name, spec.checkpoint.endpoint)
+    try:
+        filesystem.get_file_info(path)
+        return True
+    except OSError:
+        return False
+
+
 def fit_with_storage_retries(prepared: Prepared, channel: Any) -> Any:
     """`TorchTrainer.fit()`, started again while storage is unreachable, for up to `LORAFLEET_UPLOAD_RETRY_S`.
 
     Ray Train only counts a checkpoint once every worker's upload finished, and a re-run with the same name and
     storage resumes from that checkpoint, so a retried fit continues where the last complete checkpoint left off.
+    The retry waits until the storage answers again: a new Train controller creates the run's folder in its
+    constructor, and dies there (an error that no longer names its cause) if the storage is still away.
     """
     import sys
 
@@ -175,16 +188,21 @@ def fit_with_storage_retries(prepared: Prepared, channel: Any) -> Any:
         try:
             return make_trainer(prepared, channel).fit()
         except Exception as exc:
-            if not _storage_outage(exc) or time.monotonic() - started + delay > UPLOAD_RETRY_S:
+            if not _storage_outage(exc):
                 raise
             print(
                 f"lorafleet: {prepared.spec.name}: storage unreachable ({type(exc.controller_failure).__name__}); "
-                f"resuming from the last complete checkpoint in {delay:.0f}s",
+                "resuming from the last complete checkpoint once it answers",
                 file=sys.stderr,
                 flush=True,
             )
-            time.sleep(delay)
-            delay = min(delay * 2, 15.0)
+            while True:
+                if time.monotonic() - started + delay > UPLOAD_RETRY_S:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
+                if _storage_reachable(prepared.spec):
+                    break
 
 
 def remove_orphan_checkpoints(result: Any) -> int:

@@ -22,6 +22,10 @@ path calls the *same* modules, in the same order as PEFT's forward (q, k, v; gat
 of the shape and dtype PEFT would drop, which draws the same random numbers and yields the scaled keep-mask
 (`dropout(x) == x * dropout(ones)`); the masks are applied inside the Functions.
 
+aLoRA: with an `active` mask (`[..., tokens]` bool, True from a sample's invocation on), the LoRA update is added
+only on active tokens (inactive ones get the base output exactly) and only active tokens send gradient to A and B,
+which is PEFT's aLoRA arithmetic; the mask zeroes rank-r tensors only, never a full-width one.
+
 The backward of these Functions overwrites some saved tensors in place (gate/up buffers receive their
 gradients), so they support one backward per forward (no `retain_graph=True` double backward).
 """
