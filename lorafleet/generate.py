@@ -10,6 +10,7 @@ the whole sequence either way; only the work differs.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -136,6 +137,13 @@ def merge_adapter(uri: str, out_dir: str, endpoint: Optional[str] = None) -> Pat
 # Generation with KV-cache reuse
 
 
+def _cache_name(model) -> str:
+    """The forward argument (and output field) that carries the KV cache: `cache` since transformers 5.24,
+    `past_key_values` before. The old name still works there, with a warning, until it is removed in 5.40."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def base_prefill(model, input_ids: torch.Tensor):
     """Run the *base* model over `input_ids` (`[1, n]`) and return its KV cache (a `DynamicCache`).
@@ -143,10 +151,11 @@ def base_prefill(model, input_ids: torch.Tensor):
     With a PEFT model the adapter is disabled for the call; this is what a serving stack holds for a conversation
     before any adapter is invoked.
     """
+    name = _cache_name(model)
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            return model(input_ids=input_ids, use_cache=True).past_key_values
-    return model(input_ids=input_ids, use_cache=True).past_key_values
+            return getattr(model(input_ids=input_ids, use_cache=True), name)
+    return getattr(model(input_ids=input_ids, use_cache=True), name)
 
 
 @dataclass
@@ -245,9 +254,11 @@ def continue_with_adapter(
     else:
         cache = DynamicCache()
 
+    cache_name = _cache_name(model)
+
     def step(chunk: torch.Tensor, offsets: Optional[list[int]]):
         kwargs = {"alora_offsets": offsets} if invocation is not None else {}
-        out = model(input_ids=chunk, past_key_values=cache, use_cache=True, **kwargs)
+        out = model(input_ids=chunk, use_cache=True, **{cache_name: cache}, **kwargs)
         return out.logits[:, -1].float()
 
     # PEFT's offset counts from the invocation start to the end of the *current* input chunk.

@@ -10,6 +10,7 @@ act(g)*u in fp32 and rounds once; PEFT rounds after each op), so the bf16 result
 bf16 error (x1.5 + a small floor), and both paths must agree on the loss to 1e-3 relative.
 """
 
+import contextlib
 
 import pytest
 import torch
@@ -214,6 +215,33 @@ def test_disable_adapter_context_falls_back(saved_models):
         adapted, _ = lm_loss(model, ids, mask, labels, fused=True)
     torch.testing.assert_close(fused_base, base_loss, rtol=2e-6, atol=0)
     assert abs(adapted - base_loss) > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_attention_decodes_on_a_kv_cache(saved_models, family):
+    # Generation hands the patched attention a KV cache (an argument transformers 5.24 renamed): a prefill and then
+    # one token at a time on that cache must give what PEFT's layers give for the whole sequence without a cache,
+    # with the adapter on (fused path) and off (the original forward).
+    from transformers import DynamicCache
+
+    from lorafleet.generate import _cache_name
+
+    model = load_peft(saved_models[family], "none", torch.float32).eval()
+    ids = batch()[0][:1]
+    with torch.no_grad():
+        expected = {"on": model(input_ids=ids, use_cache=False).logits[0]}
+        with model.disable_adapter():
+            expected["off"] = model(input_ids=ids, use_cache=False).logits[0]
+        assert apply_kernels(model, KernelsSpec()) == {"mlp": 2, "qkv": 2, "o": 2, "loss": 1}
+        for mode, want in expected.items():
+            cache, prefill = DynamicCache(), 5
+            with model.disable_adapter() if mode == "off" else contextlib.nullcontext():
+                steps = [model(input_ids=ids[:, :prefill], use_cache=True, **{_cache_name(model): cache}).logits[0]]
+                for t in range(prefill, ids.shape[1]):
+                    steps.append(model(input_ids=ids[:, t : t + 1], use_cache=True, **{_cache_name(model): cache}).logits[0])
+            assert cache.get_seq_length() == ids.shape[1]
+            torch.testing.assert_close(torch.cat(steps), want, rtol=1e-4, atol=1e-5)
+    assert abs(expected["on"] - expected["off"]).max() > 1e-3  # the adapter changes the logits
 
 
 def _skipped(model, path):

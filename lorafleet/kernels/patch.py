@@ -244,12 +244,15 @@ def _attention_forward(
     hidden_states: torch.Tensor,
     position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     attention_mask: Optional[torch.Tensor] = None,
-    past_key_values: Any = None,
+    *args: Any,
     **kwargs: Any,
 ):
     projs = (self.q_proj, self.k_proj, self.v_proj)
     if not _still_fusable(projs, self._lorafleet_adapter):
-        return getattr(self, _ORIG)(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        return getattr(self, _ORIG)(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+    # The KV cache is the 4th argument, named `past_key_values` before transformers 5.24 and `cache` since; taking it
+    # under either name keeps it out of `kwargs`, which go on to the attention function.
+    cache = args[0] if args else kwargs.pop("cache", kwargs.pop("past_key_values", None))
     layout: AttentionLayout = self._lorafleet_layout
     family = sys.modules[type(self).__module__]
     input_shape = hidden_states.shape[:-1]
@@ -267,8 +270,8 @@ def _attention_forward(
 
     cos, sin = position_embeddings
     query, key = family.apply_rotary_pos_emb(query, key, cos, sin)
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
 
     interface: Callable = family.ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, family.eager_attention_forward
