@@ -16,6 +16,7 @@ is only whole once every worker's upload has finished; [`is_complete`] checks ex
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -49,6 +50,38 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def cpu_copy(value: Any) -> Any:
+    """A copy of `value` that training can no longer change: tensors cloned to CPU, containers rebuilt.
+
+    Optimizer and adapter state dicts hold references to the live tensors, which the next step updates in place; a
+    checkpoint written after training moved on needs this copy of them taken at the checkpoint step.
+
+    Args:
+        value (`Any`):
+            A tensor, or dicts, lists and tuples of tensors and other values (what `state_dict()` returns).
+
+    Returns:
+        `Any`: The same structure; other leaves are deep-copied (immutable ones, such as numbers, are shared).
+
+    Example:
+
+    ```python
+    >>> live = {"state": {0: {"exp_avg": torch.zeros(2)}}, "param_groups": [{"lr": 0.1}]}
+    >>> snapshot = cpu_copy(live)
+    >>> _ = live["state"][0]["exp_avg"].add_(1.0)
+    >>> snapshot["state"][0]["exp_avg"]
+    tensor([0., 0.])
+    ```
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: cpu_copy(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(cpu_copy(item) for item in value)
+    return copy.deepcopy(value)
+
+
 def save_checkpoint(
     directory: str | Path,
     *,
@@ -60,6 +93,7 @@ def save_checkpoint(
     optimizer_shard: Optional[dict] = None,
     world_size: int = 1,
     info: Optional[dict[str, Any]] = None,
+    rng: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write this worker's share of a checkpoint into `directory`.
 
@@ -87,6 +121,9 @@ def save_checkpoint(
             Workers writing this checkpoint; recorded so [`is_complete`] knows which per-rank files to expect.
         info (`dict`, *optional*):
             Extra fields for `lorafleet.json` (job name, loss).
+        rng (`dict`, *optional*):
+            RNG states from [`rng_state`] taken at the checkpoint step, for files written later (e.g. by a background
+            thread while training goes on). Defaults to the current states.
 
     Returns:
         `Path`: `directory`.
@@ -102,7 +139,7 @@ def save_checkpoint(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), directory / _rng_file(rank))
+    torch.save(rng if rng is not None else rng_state(), directory / _rng_file(rank))
     if optimizer_shard is not None:
         torch.save(optimizer_shard, directory / _optimizer_file(rank))
     if adapter_state is None:

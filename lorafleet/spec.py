@@ -224,7 +224,7 @@ class CheckpointSpec(_Section):
     )
     every_n_steps: int = Field(50, gt=0, description="Save (adapter + optimizer state) every this many steps and at the end.")
     keep: int = Field(2, gt=0, description="Newest checkpoints kept in storage.")
-    endpoint: Optional[str] = Field(None, description="Object-store endpoint URL (S3-compatible servers).")
+    endpoint: Optional[str] = Field(None, description="Object-store endpoint URL: an S3-compatible server (default `AWS_ENDPOINT_URL`), or a GCS emulator (default `STORAGE_EMULATOR_HOST`; `http://` goes without credentials).")
 
     @field_validator("storage")
     @classmethod

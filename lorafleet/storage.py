@@ -39,7 +39,8 @@ def resolve_storage(uri: str, endpoint: Optional[str] = None) -> tuple[str, Any]
         uri (`str`):
             A local path, `file://`, `s3://bucket/prefix` or `gs://bucket/prefix`.
         endpoint (`str`, *optional*):
-            Endpoint override for S3-compatible servers; defaults to `AWS_ENDPOINT_URL` if set.
+            Endpoint override for S3-compatible servers (defaults to `AWS_ENDPOINT_URL` if set) or a GCS emulator
+            (defaults to `STORAGE_EMULATOR_HOST` if set; an `http://` endpoint is used without credentials).
 
     Returns:
         `tuple`: A path and a pyarrow filesystem (`None` for local storage, which Ray handles itself).
@@ -73,13 +74,23 @@ def filesystem_for(scheme: str, endpoint: Optional[str] = None):
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
         if region:
             kwargs["region"] = region
-        return fs.S3FileSystem(**kwargs)
+        # Delayed open lets a file smaller than a multipart part go up in one PUT instead of three requests
+        # (create, part, complete); an error then shows when the file is closed, which every writer here waits for.
+        return fs.S3FileSystem(allow_delayed_open=True, **kwargs)
     if scheme == "gs":
         kwargs = {}
+        # `STORAGE_EMULATOR_HOST` is how the Google clients (google-cloud-storage, gcsfs) are pointed at an emulator;
+        # pyarrow's GCS client ignores it, so it is read here, with gcsfs's default of http when it has no scheme.
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
+        if not endpoint and emulator:
+            endpoint = emulator if "://" in emulator else f"http://{emulator}"
         if endpoint:
             parsed = urlparse(endpoint)
             kwargs["endpoint_override"] = parsed.netloc
             kwargs["scheme"] = parsed.scheme or "https"
+            # Google only serves GCS over https, so plain http is an emulator. It takes no credentials, and pyarrow's
+            # default ones would first look for a token on Google's metadata server (minutes of retries off GCP).
+            kwargs["anonymous"] = kwargs["scheme"] == "http"
         return fs.GcsFileSystem(**kwargs)
     raise ValueError(f"unsupported storage scheme {scheme!r}")
 
@@ -135,16 +146,50 @@ def list_checkpoint_dirs(filesystem, run_path: str) -> list[str]:
     )
 
 
-def _verify_upload(local_dir: str, filesystem, remote_dir: str) -> None:
-    """Every local file is in storage with the same size (catches a copy that stopped half-way without an error)."""
+def _persist(checkpoint, checkpoint_dir_name: str, storage):
+    """Copy this worker's files into the run's checkpoint folder and return the stored checkpoint.
+
+    On object stores this skips what `persist_current_checkpoint` adds for storage paths that only exist on one node
+    (a validation-marker lookup) and for filesystems with real folders (empty `folder/` marker objects): three requests
+    per worker and checkpoint that the store does not need. GCS still gets the folder marker, which pyarrow's GCS
+    filesystem needs. Local storage keeps Ray Train's own copy.
+    """
+    import ray.train
     from pyarrow import fs
 
-    names = [p.name for p in Path(local_dir).iterdir() if p.is_file()]
-    infos = filesystem.get_file_info([f"{remote_dir}/{n}" for n in names])
-    for name, info in zip(names, infos):
-        size = (Path(local_dir) / name).stat().st_size
-        if info.type != fs.FileType.File or info.size != size:
-            raise OSError(f"checkpoint file {name} is missing or short in storage after upload")
+    filesystem = storage.storage_filesystem
+    if filesystem.type_name not in ("s3", "gcs"):
+        return storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+    destination = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+    if filesystem.type_name == "gcs":
+        # pyarrow's GCS filesystem sees a folder only through its `folder/` marker object: without one the folder
+        # is missing from non-recursive listings (`list_checkpoint_dirs`) and `delete_dir` fails with NOT_FOUND
+        # after deleting the files (Ray's `keep` pruning). Safe when several workers create the same marker.
+        filesystem.create_dir(destination)
+    # One file at a time and large chunks, as Ray Train copies: pyarrow's threaded copy to S3 is unsafe for uploads.
+    fs.copy_files(
+        checkpoint.path,
+        destination,
+        source_filesystem=checkpoint.filesystem,
+        destination_filesystem=filesystem,
+        chunk_size=64 * 1024 * 1024,
+        use_threads=False,
+    )
+    return ray.train.Checkpoint(path=destination, filesystem=filesystem)
+
+
+def _verify_upload(local_dir: str, filesystem, remote_dir: str) -> None:
+    """Every local file is in storage with the same size (catches a copy that stopped half-way without an error).
+
+    One listing of the folder rather than a lookup per file; it also lists the other workers' files, which are
+    theirs to check.
+    """
+    from pyarrow import fs
+
+    stored = {info.base_name: info.size for info in filesystem.get_file_info(fs.FileSelector(remote_dir))}
+    for path in Path(local_dir).iterdir():
+        if path.is_file() and stored.get(path.name) != path.stat().st_size:
+            raise OSError(f"checkpoint file {path.name} is missing or short in storage after upload")
 
 
 def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
@@ -180,7 +225,7 @@ def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
     while True:
         attempt += 1
         try:
-            persisted = storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+            persisted = _persist(checkpoint, checkpoint_dir_name, storage)
             _verify_upload(checkpoint.path, storage.storage_filesystem, persisted.path)
             if attempt > 1:
                 logger.warning("lorafleet: checkpoint %s uploaded after %d attempts", checkpoint_dir_name, attempt)

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
 
 import pytest
 import torch
 
-from lorafleet.checkpoint import expected_files, is_complete, load_training_state, read_info, save_checkpoint
+from lorafleet.checkpoint import (
+    cpu_copy,
+    expected_files,
+    is_complete,
+    load_training_state,
+    read_info,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from lorafleet.spec import load_spec
-from lorafleet.storage import delete_run, list_checkpoint_dirs, run_location
+from lorafleet.storage import _verify_upload, delete_run, list_checkpoint_dirs, run_location
 
 
 class _Config:
@@ -68,6 +80,69 @@ def test_missing_or_empty_file_is_incomplete(tmp_path, victim):
     assert not is_complete(tmp_path)
     (tmp_path / victim).write_bytes(b"")  # a cut-off upload
     assert not is_complete(tmp_path)
+
+
+def test_state_copied_at_the_checkpoint_step_is_what_gets_written(tmp_path):
+    # Files are written by a background thread while training goes on: what was copied at the checkpoint step, not
+    # the live parameters, optimizer moments or later RNG states, must end up in them.
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.full((3,), 0.5)
+    optimizer.step()
+    adapter, state, rng = cpu_copy({"a.lora_A.weight": param}), cpu_copy({"optimizer": optimizer.state_dict()}), rng_state()
+    expected_weight, expected_moment = param.detach().clone(), optimizer.state[param]["exp_avg"].clone()
+    expected_draw = torch.rand(4)
+    param.grad = torch.full((3,), -2.0)
+    optimizer.step()  # the next training step updates the live tensors in place
+    save_checkpoint(tmp_path, rank=0, step=1, adapter_state=adapter, peft_model=_Peft(), optimizer_state=state, rng=rng)
+    loaded = load_training_state(tmp_path, rank=0)
+    assert torch.equal(loaded["adapter"]["a.lora_A.weight"], expected_weight)
+    assert not torch.equal(loaded["adapter"]["a.lora_A.weight"], param.detach())
+    assert torch.equal(loaded["optimizer"]["optimizer"]["state"][0]["exp_avg"], expected_moment)
+    assert loaded["optimizer"]["optimizer"]["param_groups"][0]["lr"] == 0.1
+    set_rng_state(loaded["rng"])
+    assert torch.equal(torch.rand(4), expected_draw)
+
+
+def test_upload_verification_catches_missing_or_short_files(tmp_path):
+    from pyarrow import fs
+
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    local.mkdir()
+    remote.mkdir()
+    for name in ("adapter_model.safetensors", "rng_rank0.pt"):
+        (local / name).write_bytes(b"x" * 64)
+        (remote / name).write_bytes(b"x" * 64)
+    (remote / "rng_rank1.pt").write_bytes(b"another worker's file")
+    _verify_upload(str(local), fs.LocalFileSystem(), str(remote))
+    (remote / "rng_rank0.pt").write_bytes(b"x" * 10)
+    with pytest.raises(OSError, match="rng_rank0.pt"):
+        _verify_upload(str(local), fs.LocalFileSystem(), str(remote))
+    (remote / "rng_rank0.pt").unlink()
+    with pytest.raises(OSError, match="rng_rank0.pt"):
+        _verify_upload(str(local), fs.LocalFileSystem(), str(remote))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_checkpoint_thread_yields_the_cpu_and_only_it():
+    from lorafleet.worker import _yield_cpu_to_training
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    training = nice()
+    seen = {}
+
+    def upload_thread():
+        seen["before"] = nice()
+        _yield_cpu_to_training()
+        seen["after"] = nice()
+
+    thread = threading.Thread(target=upload_thread)
+    thread.start()
+    thread.join()
+    assert seen["before"] == training and seen["after"] == min(19, training + 10)
+    assert nice() == training  # the training thread keeps its priority
 
 
 def test_shards_need_same_world_size(tmp_path):

@@ -62,6 +62,20 @@ def test_4bit_forward_is_repeatable():
     assert all(torch.equal(a, m.weight.data) for a, m in zip(packed_before, four_bit))
 
 
+def test_adapter_state_equals_peft_adapter_state_dict():
+    """Checkpoints take the adapter from the trainable parameters alone, not from a walk of the 4-bit model's whole
+    state dict: the same names and tensors as PEFT's own `get_peft_model_state_dict`."""
+    from peft import get_peft_model_state_dict
+
+    spec = small_spec()
+    model, _ = build_model(spec, resolve_base_model(spec))
+    ours = DDPStrategy(model, spec, torch.device("cpu")).adapter_state()
+    theirs = get_peft_model_state_dict(model)
+    assert len(theirs) == 2 * len(spec.lora.target_modules) * 2  # lora_A and lora_B, 7 projections, 2 layers
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
 def _train(strategy, batch, steps):
     losses = []
     for _ in range(steps):
