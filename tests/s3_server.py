@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import pytest
 
@@ -21,12 +23,53 @@ BUCKET = "lorafleet-test-bucket"
 
 @dataclass
 class S3Server:
-    """Handle on the running server: `endpoint`, `bucket`, a boto3 `client`, and `pause(seconds)` to take it down."""
+    """Handle on the running server: `endpoint`, `bucket`, a boto3 `client`; [`stop`], [`start`] and [`stop_at`]
+    take it down and bring it back."""
 
     server: object
     endpoint: str
     bucket: str
     client: object
+    _trigger: Optional[tuple[Callable[[str, str], bool], threading.Event]] = field(default=None, repr=False)
+    _down: bool = field(default=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self):
+        self._wrap_app()
+
+    def _wrap_app(self) -> None:
+        # Every request passes here first, so an outage can start at an exact request rather than at whatever
+        # moment a polling test notices (training steps of the tiny test model take less than a poll interval).
+        app = self.server._server.app
+
+        def gate(environ, start_response):
+            trigger = self._trigger
+            # Requests run on threads of their own, and a condition may hold its request: only the first match fires.
+            if trigger is not None and trigger[0](environ["REQUEST_METHOD"], environ["PATH_INFO"]):
+                with self._lock:
+                    fire = self._trigger is trigger
+                    if fire:
+                        self._trigger, self._down = None, True
+                if fire:
+                    threading.Thread(target=lambda: (self.stop(), trigger[1].set()), daemon=True).start()
+            if self._down:
+                start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [b"stopped by the test"]
+            return app(environ, start_response)
+
+        self.server._server.app = gate
+
+    def stop_at(self, condition: Callable[[str, str], bool]) -> threading.Event:
+        """Take the server down at the first request for which `condition(method, path)` is true.
+
+        That request and any that arrive before the listener is closed get 503; after that connections are refused
+        until [`start`]. `condition` runs on the request's thread and may block it, to hold a request until something
+        else has happened. Set while the server is down, the trigger is in place from the first request after
+        [`start`]. Returns an event that is set once the server is down.
+        """
+        stopped = threading.Event()
+        self._trigger = (condition, stopped)
+        return stopped
 
     def keys(self, prefix: str = "") -> list[str]:
         """Every object key under `prefix`."""
@@ -43,6 +86,8 @@ class S3Server:
 
     def start(self) -> None:
         self.server.start()
+        self._down = False
+        self._wrap_app()
 
 
 def free_port() -> int:
