@@ -158,6 +158,8 @@ class RemoteClient:
         """Ship `spec` (a validated [`~lorafleet.spec.JobSpec`]) and its data; return the job id."""
         import logging
 
+        from .driver import train_env
+
         # The SDK logs each package upload at INFO on stderr; the CLI already says what it submits.
         for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -173,7 +175,7 @@ class RemoteClient:
                     runtime_env={
                         "working_dir": str(staging),
                         # The Train runs view in the dashboard needs state tracking in the job's processes.
-                        "env_vars": {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "LORAFLEET_JOB_ID": job_id},
+                        "env_vars": {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "LORAFLEET_JOB_ID": job_id, **train_env()},
                     },
                     metadata={"lorafleet_job": spec.name, "lorafleet_steps": str(spec.training.steps)},
                 )

@@ -184,6 +184,10 @@ def test_monitoring_ray_metrics_and_train_view(cluster, finished):
     runs = requests.get(f"{cluster.address}/api/train/v2/runs/v1",
                         headers={"Authorization": f"Bearer {cluster.token}"}, timeout=10).json()
     assert "remote-e2e" in [run["name"] for run in runs["train_runs"]]
+    # The job's processes (the Train controller among them) run with lorafleet's Ray Train settings.
+    job = requests.get(f"{cluster.address}/api/jobs/{finished['out']['job_id']}",
+                       headers={"Authorization": f"Bearer {cluster.token}"}, timeout=10).json()
+    assert job["runtime_env"]["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
 
 
 @pytest.mark.slow

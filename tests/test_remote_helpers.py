@@ -169,3 +169,12 @@ class LocalRayCluster:
                 pass
         psutil.wait_procs(alive, timeout=5)
         shutil.rmtree(self.temp_dir, ignore_errors=True)  # session logs and unpacked working dirs
+
+
+def test_train_settings_default_and_yield_to_the_environment(monkeypatch):
+    from lorafleet.driver import train_env
+
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    assert train_env() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    assert train_env() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}
