@@ -9,6 +9,7 @@ the whole sequence either way; only the work differs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -151,11 +152,9 @@ def base_prefill(model, input_ids: torch.Tensor):
     With a PEFT model the adapter is disabled for the call; this is what a serving stack holds for a conversation
     before any adapter is invoked.
     """
-    name = _cache_name(model)
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            return getattr(model(input_ids=input_ids, use_cache=True), name)
-    return getattr(model(input_ids=input_ids, use_cache=True), name)
+    adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with adapter_off:
+        return getattr(model(input_ids=input_ids, use_cache=True), _cache_name(model))
 
 
 @dataclass

@@ -51,7 +51,10 @@ class Strategy:
         raise NotImplementedError
 
     def adapter_state(self) -> Optional[dict[str, torch.Tensor]]:
-        """The full adapter tensors on the rank that writes checkpoints (rank 0), `None` elsewhere."""
+        """A CPU copy of the full adapter tensors on the rank that writes checkpoints (rank 0), `None` elsewhere.
+
+        A copy, not the live parameters: checkpoint files are written while training goes on.
+        """
         raise NotImplementedError
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -138,7 +141,8 @@ class DDPStrategy(Strategy):
 
         if dist.is_initialized() and dist.get_rank() != 0:
             return None
-        return get_peft_model_state_dict(self.peft_model, state_dict=trainable_state(self.peft_model))
+        state = get_peft_model_state_dict(self.peft_model, state_dict=trainable_state(self.peft_model))
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict

@@ -162,7 +162,8 @@ def _yield_cpu_to_training() -> None:
 def save_and_report(metrics: dict[str, Any], strategy, spec: JobSpec, ctx: WorkerContext) -> None:
     """Take this worker's share of a checkpoint and report it (with the step's metrics) to Ray Train.
 
-    The training thread only copies the state into CPU memory ([`~lorafleet.checkpoint.cpu_copy`], RNG included) and
+    The training thread only copies the state into CPU memory (the strategy's adapter copy, the optimizer state through
+    [`~lorafleet.checkpoint.cpu_copy`], RNG) and
     passes `ray.train.report`'s barrier. Writing the files and uploading them run in Ray Train's background thread
     (`checkpoint_upload_mode=ASYNC`) while training continues, with [`~lorafleet.storage.upload_checkpoint`] retrying
     failed copies; Ray registers the checkpoint only after every worker's upload returned. Ray deletes the local folder
@@ -176,14 +177,16 @@ def save_and_report(metrics: dict[str, Any], strategy, spec: JobSpec, ctx: Worke
 
     directory = tempfile.mkdtemp(prefix=f"lorafleet-ckpt-{metrics['step']}-")
     try:
-        adapter = strategy.adapter_state()
-        state = cpu_copy(
-            {
-                "adapter_state": adapter,
-                "optimizer_state": strategy.optimizer_state() if adapter is not None else None,
-                "optimizer_shard": strategy.optimizer_shard(),
-            }
-        )
+        adapter = strategy.adapter_state()  # already a copy (under ZeRO-3 it can only be taken while gathered)
+        state = {
+            "adapter_state": adapter,
+            **cpu_copy(
+                {
+                    "optimizer_state": strategy.optimizer_state() if adapter is not None else None,
+                    "optimizer_shard": strategy.optimizer_shard(),
+                }
+            ),
+        }
         rng = rng_state()
 
         def write_and_upload(checkpoint, checkpoint_dir_name: str):

@@ -64,7 +64,7 @@ def test_4bit_forward_is_repeatable():
 
 def test_adapter_state_equals_peft_adapter_state_dict():
     """Checkpoints take the adapter from the trainable parameters alone, not from a walk of the 4-bit model's whole
-    state dict: the same names and tensors as PEFT's own `get_peft_model_state_dict`."""
+    state dict: the same names and tensors as PEFT's own `get_peft_model_state_dict`, copied."""
     from peft import get_peft_model_state_dict
 
     spec = small_spec()
@@ -74,6 +74,13 @@ def test_adapter_state_equals_peft_adapter_state_dict():
     assert len(theirs) == 2 * len(spec.lora.target_modules) * 2  # lora_A and lora_B, 7 projections, 2 layers
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    # A snapshot: the checkpoint is written while training goes on and changes the live parameters (which PEFT's
+    # state dict shares).
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(1.0)
+    assert all(not torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
 def _train(strategy, batch, steps):
