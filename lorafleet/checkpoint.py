@@ -3,15 +3,17 @@
 A checkpoint directory is a loadable PEFT adapter plus what an exact resume needs, and nothing of the frozen base:
 
 - `adapter_config.json`, `adapter_model.safetensors`: the adapter (plain `PeftModel.from_pretrained` loads it);
-- `training_state.pt`: optimizer and scheduler state and the step reached (the data position: batches are a
-  function of the step, see [`~lorafleet.data.BatchPlan`]);
-- `rng_rank{R}.pt`: each worker's Python, NumPy and torch RNG states (LoRA dropout draws differ per worker);
+- `training_state.pt`: optimizer and scheduler state, the step reached (the data position: batches are a
+  function of the step, see [`~lorafleet.data.BatchPlan`]) and every worker's Python, NumPy and torch RNG states
+  (LoRA dropout draws differ per worker);
 - `optimizer_rank{R}.pt`: each worker's optimizer shard, only when the optimizer is partitioned (DeepSpeed ZeRO);
 - `lorafleet.json`: job name, step, base model, loss, world size and whether optimizer shards exist, for people
   and tools that list checkpoints and for [`is_complete`].
 
-Every worker writes its own files into its own local directory and Ray Train merges them in storage, so a checkpoint
-is only whole once every worker's upload has finished; [`is_complete`] checks exactly that.
+Rank 0 writes the adapter, `lorafleet.json` and the training state, with the RNG states of every worker gathered to
+it; under DeepSpeed ZeRO every worker also writes its optimizer shard. Each worker writes into its own local directory
+and Ray Train merges them in storage, so a checkpoint is only whole once every writing worker's upload has finished;
+[`is_complete`] checks exactly that. Under DDP only rank 0 writes, so each checkpoint is one worker's four files.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ STATE_FILE = "training_state.pt"
 INFO_FILE = "lorafleet.json"
 
 
-def _rng_file(rank: int) -> str:
+def _legacy_rng_file(rank: int) -> str:
+    # Where checkpoints written before the RNG states moved into `training_state.pt` keep them; still read on resume.
     return f"rng_rank{rank}.pt"
 
 
@@ -93,12 +96,13 @@ def save_checkpoint(
     optimizer_shard: Optional[dict] = None,
     world_size: int = 1,
     info: Optional[dict[str, Any]] = None,
-    rng: Optional[dict[str, Any]] = None,
+    rng_states: Optional[dict[int, dict[str, Any]]] = None,
 ) -> Path:
     """Write this worker's share of a checkpoint into `directory`.
 
-    Every worker writes its RNG state; the writer (rank 0, or whoever holds the gathered adapter) also writes the
-    adapter, the optimizer and scheduler state and `lorafleet.json`. Ray Train merges the workers' directories.
+    The writer of the adapter (rank 0) writes it with `lorafleet.json` and the training state: optimizer and scheduler
+    state, step and the RNG states it is given (every worker's). A worker with a partitioned optimizer writes its
+    shard. Ray Train merges the workers' directories.
 
     Args:
         directory (`str` or `Path`):
@@ -121,9 +125,10 @@ def save_checkpoint(
             Workers writing this checkpoint; recorded so [`is_complete`] knows which per-rank files to expect.
         info (`dict`, *optional*):
             Extra fields for `lorafleet.json` (job name, loss).
-        rng (`dict`, *optional*):
-            RNG states from [`rng_state`] taken at the checkpoint step, for files written later (e.g. by a background
-            thread while training goes on). Defaults to the current states.
+        rng_states (`dict[int, dict]`, *optional*):
+            RNG states by world rank, each from [`rng_state`] taken at the checkpoint step (the files are written
+            later, by a background thread, while training goes on); only the adapter's writer writes them. Defaults
+            to this worker's current states.
 
     Returns:
         `Path`: `directory`.
@@ -132,14 +137,13 @@ def save_checkpoint(
 
     ```python
     >>> import tempfile
-    >>> path = save_checkpoint(tempfile.mkdtemp(), rank=1, step=3, adapter_state=None)
+    >>> path = save_checkpoint(tempfile.mkdtemp(), rank=1, step=3, adapter_state=None, optimizer_shard={"state": {}})
     >>> sorted(p.name for p in path.iterdir())
-    ['rng_rank1.pt']
+    ['optimizer_rank1.pt']
     ```
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(rng if rng is not None else rng_state(), directory / _rng_file(rank))
     if optimizer_shard is not None:
         torch.save(optimizer_shard, directory / _optimizer_file(rank))
     if adapter_state is None:
@@ -150,7 +154,8 @@ def save_checkpoint(
     config.save_pretrained(str(directory))
     # Plain tensors, contiguous and on CPU: what safetensors and every PEFT/vLLM loader expect.
     save_file({k: v.detach().to("cpu").contiguous() for k, v in adapter_state.items()}, directory / ADAPTER_FILES[1])
-    torch.save({"step": step, "optimizer": optimizer_state}, directory / STATE_FILE)
+    rng = rng_states if rng_states is not None else {rank: rng_state()}
+    torch.save({"step": step, "optimizer": optimizer_state, "rng": rng}, directory / STATE_FILE)
     (directory / INFO_FILE).write_text(
         json.dumps(
             {
@@ -196,8 +201,11 @@ def load_training_state(directory: str | Path, rank: int) -> dict[str, Any]:
 
     directory = Path(directory)
     state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
-    rng_path = directory / _rng_file(rank)
-    state["rng"] = torch.load(rng_path, weights_only=False) if rng_path.exists() else None
+    legacy_rng = directory / _legacy_rng_file(rank)
+    if "rng" in state:
+        state["rng"] = state["rng"].get(rank)
+    else:
+        state["rng"] = torch.load(legacy_rng, weights_only=False) if legacy_rng.exists() else None
     state["adapter"] = load_file(directory / ADAPTER_FILES[1])
     state["optimizer_shard"] = None
     info = read_info(directory)
@@ -224,7 +232,6 @@ def expected_files(info: dict[str, Any]) -> list[str]:
     """Every file a checkpoint described by `info` (its `lorafleet.json`) must hold."""
     world_size = int(info.get("world_size", 1))
     names = [*ADAPTER_FILES, STATE_FILE, INFO_FILE]
-    names += [_rng_file(r) for r in range(world_size)]
     if info.get("optimizer_shards"):
         names += [_optimizer_file(r) for r in range(world_size)]
     return names
@@ -244,7 +251,7 @@ def is_complete(directory: str | Path) -> bool:
 
     ```python
     >>> import tempfile
-    >>> is_complete(save_checkpoint(tempfile.mkdtemp(), rank=1, step=3, adapter_state=None))
+    >>> is_complete(save_checkpoint(tempfile.mkdtemp(), rank=1, step=3, adapter_state=None, optimizer_shard={"state": {}}))
     False
     ```
     """

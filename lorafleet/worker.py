@@ -159,54 +159,74 @@ def _yield_cpu_to_training() -> None:
         pass
 
 
+def gather_rng_states(ctx: WorkerContext) -> Optional[dict[int, dict[str, Any]]]:
+    """Every worker's RNG states by rank, on rank 0 (`None` on the others).
+
+    Rank 0 writes them all, so that under DDP, where the RNG states are all the other workers would write, they upload
+    nothing: one uploader per checkpoint instead of one per worker. A collective: every rank calls it.
+    """
+    from .checkpoint import rng_state
+
+    state = rng_state()
+    if ctx.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return {ctx.rank: state}
+    gathered = [None] * ctx.world_size if ctx.rank == 0 else None
+    dist.gather_object(state, gathered, dst=0)
+    return dict(enumerate(gathered)) if ctx.rank == 0 else None
+
+
 def save_and_report(metrics: dict[str, Any], strategy, spec: JobSpec, ctx: WorkerContext) -> None:
     """Take this worker's share of a checkpoint and report it (with the step's metrics) to Ray Train.
 
     The training thread only copies the state into CPU memory (the strategy's adapter copy, the optimizer state through
-    [`~lorafleet.checkpoint.cpu_copy`], RNG) and
-    passes `ray.train.report`'s barrier. Writing the files and uploading them run in Ray Train's background thread
+    [`~lorafleet.checkpoint.cpu_copy`], every worker's RNG states gathered to rank 0) and passes `ray.train.report`'s
+    barrier. Writing the files and uploading them run in Ray Train's background thread
     (`checkpoint_upload_mode=ASYNC`) while training continues, with [`~lorafleet.storage.upload_checkpoint`] retrying
-    failed copies; Ray registers the checkpoint only after every worker's upload returned. Ray deletes the local folder
-    once uploaded, so it lives in a fresh temporary directory rather than a context manager's.
+    failed copies; Ray registers the checkpoint only after every worker's upload returned. A worker with nothing to
+    write (DDP ranks other than 0) reports the metrics alone. Ray deletes the local folder once uploaded, so it lives in
+    a fresh temporary directory rather than a context manager's.
     """
     import ray.train
     from ray.train import CheckpointUploadMode
 
-    from .checkpoint import cpu_copy, rng_state, save_checkpoint
+    from .checkpoint import cpu_copy, save_checkpoint
     from .storage import upload_checkpoint
 
+    adapter = strategy.adapter_state()  # already a copy (under ZeRO-3 it can only be taken while gathered)
+    state = {
+        "adapter_state": adapter,
+        **cpu_copy(
+            {
+                "optimizer_state": strategy.optimizer_state() if adapter is not None else None,
+                "optimizer_shard": strategy.optimizer_shard(),
+            }
+        ),
+    }
+    rng_states = gather_rng_states(ctx)
+    if adapter is None and state["optimizer_shard"] is None:
+        ray.train.report(metrics)
+        return
     directory = tempfile.mkdtemp(prefix=f"lorafleet-ckpt-{metrics['step']}-")
+
+    def write_and_upload(checkpoint, checkpoint_dir_name: str):
+        _yield_cpu_to_training()
+        try:
+            save_checkpoint(
+                directory,
+                rank=ctx.rank,
+                step=metrics["step"],
+                peft_model=strategy.peft_model,
+                world_size=ctx.world_size,
+                info={"job": spec.name, "loss": metrics["loss"]},
+                rng_states=rng_states,
+                **state,
+            )
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return upload_checkpoint(checkpoint, checkpoint_dir_name)
+
     try:
-        adapter = strategy.adapter_state()  # already a copy (under ZeRO-3 it can only be taken while gathered)
-        state = {
-            "adapter_state": adapter,
-            **cpu_copy(
-                {
-                    "optimizer_state": strategy.optimizer_state() if adapter is not None else None,
-                    "optimizer_shard": strategy.optimizer_shard(),
-                }
-            ),
-        }
-        rng = rng_state()
-
-        def write_and_upload(checkpoint, checkpoint_dir_name: str):
-            _yield_cpu_to_training()
-            try:
-                save_checkpoint(
-                    directory,
-                    rank=ctx.rank,
-                    step=metrics["step"],
-                    peft_model=strategy.peft_model,
-                    world_size=ctx.world_size,
-                    info={"job": spec.name, "loss": metrics["loss"]},
-                    rng=rng,
-                    **state,
-                )
-            except BaseException:
-                shutil.rmtree(directory, ignore_errors=True)
-                raise
-            return upload_checkpoint(checkpoint, checkpoint_dir_name)
-
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),

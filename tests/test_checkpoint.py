@@ -49,6 +49,7 @@ def _write(directory, world_size=2, shards=True):
             optimizer_shard={"state": {0: {"exp_avg": torch.full((3,), float(rank))}}} if shards else None,
             world_size=world_size,
             info={"job": "unit", "loss": 1.5},
+            rng_states={r: rng_state() for r in range(world_size)} if rank == 0 else None,
         )
     return adapter
 
@@ -73,7 +74,42 @@ def test_replicated_checkpoint_has_no_shards(tmp_path):
     assert load_training_state(tmp_path, rank=0)["optimizer_shard"] is None
 
 
-@pytest.mark.parametrize("victim", ["rng_rank1.pt", "optimizer_rank0.pt", "adapter_model.safetensors", "lorafleet.json"])
+def test_rank0_writes_every_workers_rng_states(tmp_path):
+    # Under DDP rank 0 writes the RNG states gathered from every worker into the training state, and the other workers
+    # write nothing: the checkpoint is complete from rank 0's four files, and each rank resumes its own stream.
+    states, draws = {}, {}
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        states[rank] = rng_state()
+        draws[rank] = torch.rand(3)
+    adapter = {"a.lora_A.weight": torch.randn(2, 4)}
+    save_checkpoint(
+        tmp_path, rank=0, step=4, adapter_state=adapter, peft_model=_Peft(), optimizer_state={}, world_size=2,
+        rng_states=states,
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "lorafleet.json", "training_state.pt"
+    ]
+    assert is_complete(tmp_path)
+    for rank in (1, 0):
+        set_rng_state(load_training_state(tmp_path, rank)["rng"])
+        assert torch.equal(torch.rand(3), draws[rank])
+
+
+def test_checkpoint_with_rng_files_of_older_versions_still_resumes(tmp_path):
+    # Checkpoints written before the RNG states moved into training_state.pt keep them in rng_rank{R}.pt.
+    _write(tmp_path, shards=False)
+    state = torch.load(tmp_path / "training_state.pt", weights_only=False)
+    torch.manual_seed(7)
+    torch.save(rng_state(), tmp_path / "rng_rank1.pt")
+    expected = torch.rand(2)
+    torch.save({"step": state["step"], "optimizer": state["optimizer"]}, tmp_path / "training_state.pt")
+    set_rng_state(load_training_state(tmp_path, rank=1)["rng"])
+    assert torch.equal(torch.rand(2), expected)
+    assert load_training_state(tmp_path, rank=0)["rng"] is None
+
+
+@pytest.mark.parametrize("victim", ["optimizer_rank1.pt", "training_state.pt", "adapter_model.safetensors", "lorafleet.json"])
 def test_missing_or_empty_file_is_incomplete(tmp_path, victim):
     _write(tmp_path)
     (tmp_path / victim).unlink()
@@ -94,7 +130,7 @@ def test_state_copied_at_the_checkpoint_step_is_what_gets_written(tmp_path):
     expected_draw = torch.rand(4)
     param.grad = torch.full((3,), -2.0)
     optimizer.step()  # the next training step updates the live tensors in place
-    save_checkpoint(tmp_path, rank=0, step=1, adapter_state=adapter, peft_model=_Peft(), optimizer_state=state, rng=rng)
+    save_checkpoint(tmp_path, rank=0, step=1, adapter_state=adapter, peft_model=_Peft(), optimizer_state=state, rng_states={0: rng})
     loaded = load_training_state(tmp_path, rank=0)
     assert torch.equal(loaded["adapter"]["a.lora_A.weight"], expected_weight)
     assert not torch.equal(loaded["adapter"]["a.lora_A.weight"], param.detach())

@@ -64,12 +64,14 @@ def test_4bit_forward_is_repeatable():
 
 def test_adapter_state_equals_peft_adapter_state_dict():
     """Checkpoints take the adapter from the trainable parameters alone, not from a walk of the 4-bit model's whole
-    state dict: the same names and tensors as PEFT's own `get_peft_model_state_dict`, copied."""
+    state dict: the same names and tensors as PEFT's own `get_peft_model_state_dict`, copied. The names are resolved
+    once; later snapshots still copy the parameters' current values."""
     from peft import get_peft_model_state_dict
 
     spec = small_spec()
     model, _ = build_model(spec, resolve_base_model(spec))
-    ours = DDPStrategy(model, spec, torch.device("cpu")).adapter_state()
+    strategy = DDPStrategy(model, spec, torch.device("cpu"))
+    ours = strategy.adapter_state()
     theirs = get_peft_model_state_dict(model)
     assert len(theirs) == 2 * len(spec.lora.target_modules) * 2  # lora_A and lora_B, 7 projections, 2 layers
     assert ours.keys() == theirs.keys()
@@ -81,6 +83,9 @@ def test_adapter_state_equals_peft_adapter_state_dict():
             if param.requires_grad:
                 param.add_(1.0)
     assert all(not torch.equal(ours[k], theirs[k]) for k in theirs)
+    later = strategy.adapter_state()
+    assert later.keys() == theirs.keys()
+    assert all(torch.equal(later[k], theirs[k]) and later[k].data_ptr() != theirs[k].data_ptr() for k in theirs)
 
 
 def _train(strategy, batch, steps):

