@@ -278,7 +278,7 @@ def run_job(
 
     ```python
     >>> from lorafleet.spec import load_spec
-    >>> summary = run_job(load_spec("jobs/llama.yaml", ["training.steps=4", "name=doc-example"]))
+    >>> summary = run_job(load_spec("jobs/llama.yaml", ["training.steps=4", "training.warmup=1", "name=doc-example"]))
     >>> summary.status, summary.steps
     ('succeeded', 4)
     ```

@@ -380,7 +380,7 @@ def submit_remote(
 
     ```python
     >>> from lorafleet.spec import load_spec
-    >>> spec = load_spec("jobs/llama.yaml", ["training.steps=4"])
+    >>> spec = load_spec("jobs/llama.yaml", ["training.steps=50"])
     >>> out = submit_remote(spec, "http://127.0.0.1:8265", wait=True)  # doctest: +SKIP
     >>> out["status"], out["adapter_uri"]  # doctest: +SKIP
     ('SUCCEEDED', '/home/ray/.lorafleet/runs/llama-tasks/checkpoint_...')

@@ -408,9 +408,9 @@ def load_spec(path: Union[str, Path, None] = None, overrides: tuple[str, ...] | 
     Example:
 
     ```python
-    >>> spec = load_spec("jobs/llama.yaml", ["training.steps=5"])
+    >>> spec = load_spec("jobs/llama.yaml", ["training.steps=50"])
     >>> spec.training.steps, spec.model.architecture
-    (5, 'llama')
+    (50, 'llama')
     ```
     """
     if raw is None:
