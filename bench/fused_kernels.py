@@ -7,10 +7,10 @@ NF4 base, LoRA r=16 on all 7 projections, AdamW. Throughput of the two variants 
 alternating rounds of a few steps each (so load drift on the machine hits both); peak resident memory is
 measured for each variant in its own subprocess (ru_maxrss of a process that builds the model and runs steps).
 
-    python bench/kernels.py            # full size
-    python bench/kernels.py --quick    # small model, a few seconds
-    python bench/kernels.py --json     # ... and a last line of JSON
-    python bench/kernels.py --profile  # ... and a torch.profiler table of each variant (2 steps)
+    python bench/fused_kernels.py            # full size
+    python bench/fused_kernels.py --quick    # small model, a few seconds
+    python bench/fused_kernels.py --json     # ... and a last line of JSON
+    python bench/fused_kernels.py --profile  # ... and a torch.profiler table of each variant (2 steps)
 
 `mfu` is model FLOPs per second over this machine's matmul peak in the benchmark dtype, measured in the same run; model FLOPs per
 token count 4 x the frozen linear parameters (forward 2, input-gradient 2; no base weight gradients) plus
