@@ -21,6 +21,12 @@ from conftest import REPO
 FENCE = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 
+def _runnable(block: str) -> bool:
+    """Whether some line of the example runs (not every line is marked `+SKIP`)."""
+    examples = doctest.DocTestParser().get_examples(block)
+    return any(not example.options.get(doctest.SKIP) for example in examples)
+
+
 def _examples():
     for info in pkgutil.iter_modules(lorafleet.__path__):
         module = importlib.import_module(f"lorafleet.{info.name}")
@@ -33,7 +39,7 @@ def _examples():
             doc = inspect.getdoc(obj) or ""
             for number, block in enumerate(FENCE.findall(doc)):
                 name = f"{module.__name__}.{getattr(obj, '__qualname__', '')}[{number}]".replace(".[", "[")
-                if ">>>" in block and name not in seen:
+                if _runnable(block) and name not in seen:
                     seen.add(name)
                     marks = [pytest.mark.slow] if "run_job(" in block else []
                     yield pytest.param(module, block, id=name, marks=marks)
