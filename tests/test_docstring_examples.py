@@ -10,6 +10,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import inspect
+import os
 import pkgutil
 import re
 
@@ -55,8 +56,22 @@ def _quiet_deepspeed() -> None:
     get_accelerator()
 
 
+@pytest.fixture
+def leaves_no_ray_behind():
+    """An example that runs a job starts Ray in this process, and Ray sets variables such as `RAY_AUTH_MODE=token` in
+    its environment: later tests that start their own clusters must see neither."""
+    environ = dict(os.environ)
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ.clear()
+    os.environ.update(environ)
+
+
 @pytest.mark.parametrize("module, block", list(_examples()))
-def test_docstring_example_runs(module, block, monkeypatch):
+def test_docstring_example_runs(module, block, monkeypatch, leaves_no_ray_behind):
     monkeypatch.chdir(REPO)  # examples name the shipped files (jobs/...) the way a user in a checkout would
     _quiet_deepspeed()
     test = doctest.DocTestParser().get_doctest(block, dict(vars(module)), module.__name__, module.__file__, 0)
