@@ -190,7 +190,9 @@ def main() -> None:
         "ratios": [round(r, 3) for r in ratios],
         "storage": args.storage,
         "s3_server_priority": args.server_priority if server is not None else None,
-        "s3_server_cpu_ms_per_checkpoint": round(1000 * server_cpu / (args.repeat * (args.steps // args.every)), 1),
+        "s3_server_cpu_ms_per_checkpoint": (
+            round(1000 * server_cpu / (args.repeat * (args.steps // args.every)), 1) if server is not None else None
+        ),
         "checkpoint_bytes": checkpoint_bytes,
         "trainable_bytes": trainable,
         "trainable_plus_adamw_bytes": 3 * trainable,

@@ -166,9 +166,10 @@ def gather_rng_states(ctx: WorkerContext) -> Optional[dict[int, dict[str, Any]]]
     nothing: one uploader per checkpoint instead of one per worker. A collective: every rank calls it.
     """
     from .checkpoint import rng_state
+    from .strategy import is_distributed
 
     state = rng_state()
-    if ctx.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return {ctx.rank: state}
     gathered = [None] * ctx.world_size if ctx.rank == 0 else None
     dist.gather_object(state, gathered, dst=0)
