@@ -33,7 +33,7 @@ def build(hidden: int, layers: int, max_positions: int, invocation, seed: int = 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lorafleet.families import family_config
+    from lorafleet.model.families import family_config
 
     cfg = family_config(
         "llama", 2048,
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from lorafleet.generate import base_prefill, continue_with_adapter
+    from lorafleet.infer.generate import base_prefill, continue_with_adapter
 
     invocation = [8, 300, 9]
     max_positions = max(2048, max(args.contexts) + 64)

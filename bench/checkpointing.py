@@ -96,7 +96,7 @@ def start_s3(priority: str = "0") -> tuple[subprocess.Popen, object, str]:
 
 def timed_run(spec, skip: int) -> dict:
     """Run `spec`; steps/s from driver-side arrival times of steps (skip+1 .. last-1)."""
-    from lorafleet.driver import run_job
+    from lorafleet.train.driver import run_job
 
     arrivals: dict[int, float] = {}
     summary = run_job(spec, on_progress=lambda m: arrivals.setdefault(int(m["step"]), time.perf_counter()), fresh=True)
@@ -138,7 +138,7 @@ def main() -> None:
     else:
         server = None
         storage = tempfile.mkdtemp(prefix="lorafleet-bench-storage-")
-    from lorafleet.model import resolve_base_model
+    from lorafleet.model.build import resolve_base_model
     from lorafleet.spec import load_spec
 
     common = [f"training.steps={args.steps}", "checkpoint.keep=2", f"checkpoint.storage={storage}", *args.overrides]
@@ -177,7 +177,7 @@ def main() -> None:
 
     base = Path(resolve_base_model(ckpt_spec))
     model_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-    from lorafleet.model import build_model
+    from lorafleet.model.build import build_model
 
     model, _ = build_model(ckpt_spec, str(base))
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)

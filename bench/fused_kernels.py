@@ -46,7 +46,7 @@ DTYPE = torch.bfloat16  # set by main() from --dtype before anything is built
 def model_dir(size: dict) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from lorafleet.families import family_config
+    from lorafleet.model.families import family_config
 
     key = "-".join(f"{k}{v}" for k, v in sorted(size.items()) if k not in ("seq", "batch", "r"))
     path = Path(tempfile.gettempdir()) / f"lorafleet-bench-{key}"
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     parser.add_argument("--_steps", dest="child_steps", type=int, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     global DTYPE
-    from lorafleet.model import torch_dtype
+    from lorafleet.model.device import torch_dtype
 
     DTYPE = torch_dtype(args.dtype)
     if args.memory_child:

@@ -14,6 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
+# The development-time generators (scripts/demo_data.py, scripts/demo_alora.py) are importable by the tests.
+sys.path.insert(0, str(REPO / "scripts"))
 
 # Overrides that shrink the default job to a few seconds of training: enough to exercise checkpoints, resume and
 # storage, in fp32 so results can be compared bitwise. LoRA dropout is on so that every worker's RNG stream shapes the

@@ -6,17 +6,13 @@ import warnings
 import pytest
 import torch
 
-from lorafleet.alora import (
-    Invocation,
-    InvocationBoundaryWarning,
-    activation,
-    find_invocation,
-    offsets_to_mask,
-    resolve_invocation,
-)
-from lorafleet.data import IGNORE_INDEX, collate, pack_samples, prepare_samples
+from lorafleet.data.alora import Invocation, InvocationBoundaryWarning, find_invocation, resolve_invocation
+from lorafleet.model.alora import activation
+from lorafleet.kernels.alora import offsets_to_mask
+from lorafleet.data.encode import IGNORE_INDEX, prepare_samples
+from lorafleet.data.batching import collate, pack_samples
 from lorafleet.spec import AloraSpec, DataSpec, SpecError
-from lorafleet.tokenizer import load_tokenizer
+from lorafleet.data.tokenizer import load_tokenizer
 
 INV = "<|reserved_0|>judge<|reserved_1|>"
 
@@ -35,7 +31,7 @@ def tiny_alora(invocation, seed=0, vocab=2048, **lora):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lorafleet.families import family_config
+    from lorafleet.model.families import family_config
 
     cfg = family_config(
         "llama", vocab, {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -208,7 +204,7 @@ def test_mask_activation_equals_offsets_and_packed_rows_equal_separate_rows(inv_
 @pytest.mark.parametrize("fused", [True, False])
 def test_loss_module_trains_only_after_the_invocation(inv_ids, fused, kernels):
     from lorafleet.kernels import apply_kernels
-    from lorafleet.model import LossModule
+    from lorafleet.train.loss import LossModule
     from lorafleet.spec import KernelsSpec
 
     model = tiny_alora(inv_ids).train()
@@ -236,7 +232,7 @@ def test_loss_module_trains_only_after_the_invocation(inv_ids, fused, kernels):
 def test_checkpoint_is_a_peft_alora_adapter_and_merge_is_refused(tmp_path, inv_ids):
     from peft import PeftModel
 
-    from lorafleet.generate import MergeRefused, merge_adapter
+    from lorafleet.infer.merge import MergeRefused, merge_adapter
 
     model = tiny_alora(inv_ids)
     adapter_dir = tmp_path / "adapter"
@@ -298,9 +294,7 @@ def test_cli_merge_refuses_alora_adapter(tmp_path, inv_ids):
     from conftest import REPO
 
     tiny_alora(inv_ids).save_pretrained(tmp_path / "adapter")
-    code = ("import sys; from lorafleet.cli import cli, main; from lorafleet.cli_generate import register; "
-            "register(cli); main(sys.argv[1:])")
-    res = subprocess.run([sys.executable, "-c", code, "merge", "--adapter", str(tmp_path / "adapter"), "--out",
+    res = subprocess.run([sys.executable, "-m", "lorafleet.cli", "merge", "--adapter", str(tmp_path / "adapter"), "--out",
                           str(tmp_path / "merged")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()

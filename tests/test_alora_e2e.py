@@ -14,10 +14,7 @@ STEPS = 80  # the shipped job runs 150 (held-out accuracy 1.0 measured); 80 keep
 
 
 def _cli_with_generate(*args, env=None):
-    # cli_generate registers its commands itself, so this works before and after the wiring line lands in cli.py.
-    code = ("import sys; from lorafleet.cli import cli, main; from lorafleet.cli_generate import register; "
-            "register(cli); main(sys.argv[1:])")
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "lorafleet.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=env)
 
 
@@ -37,8 +34,8 @@ def test_submit_alora_job_learns_the_judgment(cli, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lorafleet.generate import prompt_ids
-    from lorafleet.model import load_tokenizer_for
+    from lorafleet.infer.generate import prompt_ids
+    from lorafleet.model.build import load_tokenizer_for
 
     # Plain PEFT loading, as any user would.
     base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
@@ -65,7 +62,7 @@ def test_submit_alora_job_learns_the_judgment(cli, tmp_path):
     assert gen.returncode == 0, gen.stderr[-2000:]
     out = json.loads(gen.stdout.strip().splitlines()[-1])
     assert out["invocation_appended"] and out["alora"] and out["text"] in ("yes", "no")
-    from lorafleet.generate import MergeRefused, merge_adapter
+    from lorafleet.infer.merge import MergeRefused, merge_adapter
 
     with pytest.raises(MergeRefused, match="aLoRA adapter"):
         merge_adapter(adapter, str(tmp_path / "merged"))

@@ -10,18 +10,9 @@ import threading
 import pytest
 import torch
 
-from lorafleet.checkpoint import (
-    cpu_copy,
-    expected_files,
-    is_complete,
-    load_training_state,
-    read_info,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from lorafleet.runstore.checkpoint import cpu_copy, expected_files, is_complete, load_training_state, read_info, rng_state, save_checkpoint, set_rng_state
 from lorafleet.spec import load_spec
-from lorafleet.storage import _verify_upload, delete_run, list_checkpoint_dirs, run_location
+from lorafleet.runstore.storage import _verify_upload, delete_run, list_checkpoint_dirs, run_location
 
 
 class _Config:
@@ -161,7 +152,7 @@ def test_upload_verification_catches_missing_or_short_files(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 def test_checkpoint_thread_yields_the_cpu_and_only_it():
-    from lorafleet.worker import _yield_cpu_to_training
+    from lorafleet.train.worker import _yield_cpu_to_training
 
     def nice() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
@@ -202,7 +193,7 @@ def test_delete_run_and_listing(tmp_path):
 
 
 def test_deepspeed_config_is_derived_and_merged():
-    from lorafleet.strategy import deepspeed_config
+    from lorafleet.train.strategies import deepspeed_config
 
     spec = load_spec(
         "jobs/llama.yaml",

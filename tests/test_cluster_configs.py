@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import click
 import pytest
 import yaml
 
@@ -18,12 +17,9 @@ def _docs(path: Path) -> list[dict]:
 
 
 def _cli_commands() -> set[str]:
-    from lorafleet.cli import cli
-    from lorafleet.cli_remote import register
+    from lorafleet.cli.main import cli
 
-    group = click.Group("lorafleet", commands=dict(cli.commands))
-    register(group)  # whether or not cli.py already wires them in
-    return set(group.commands)
+    return set(cli.commands)
 
 
 def _lorafleet_invocations(text: str) -> list[str]:

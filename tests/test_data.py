@@ -10,17 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafleet.data import (
-    BatchPlan,
-    collate,
-    count_target_tokens,
-    format_instruction_prompt,
-    load_records,
-    pack_samples,
-    prepare_samples,
-)
+from lorafleet.data.plan import BatchPlan
+from lorafleet.data.batching import collate, pack_samples
+from lorafleet.data.encode import count_target_tokens, prepare_samples
+from lorafleet.data.templates import format_instruction_prompt
+from lorafleet.data.records import load_records
 from lorafleet.spec import DataSpec, SpecError
-from lorafleet.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, load_tokenizer
+from lorafleet.data.templates import CHAT_TEMPLATE, SPECIAL_TOKENS
+from lorafleet.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = REPO / "jobs" / "data" / "tasks.jsonl"
@@ -37,7 +34,7 @@ def tok():
 def tiny_llama(tok):
     from transformers import AutoModelForCausalLM
 
-    from lorafleet.families import family_config
+    from lorafleet.model.families import family_config
 
     torch.manual_seed(0)
     cfg = family_config(
@@ -153,7 +150,7 @@ def test_truncation_and_dropping(tok, caplog):
     ]
     prompt = len(tok(format_instruction_prompt(records[0]["instruction"]), add_special_tokens=False)["input_ids"])
     max_length = 1 + prompt + 3  # bos, prompt, 3 of the 6 output+eos tokens
-    with caplog.at_level(logging.WARNING, logger="lorafleet.data"):
+    with caplog.at_level(logging.WARNING, logger="lorafleet.data.encode"):
         samples, stats = prepare_samples(DataSpec(path="x.jsonl", max_length=max_length), tok, records, return_stats=True)
     assert (stats.truncated, stats.dropped, stats.samples) == (2, 1, 1)
     assert "dropped 1 of 2 samples" in caplog.text
@@ -391,7 +388,7 @@ def test_load_records_json_parquet_and_saved_dataset_roundtrip(tmp_path):
 
 
 def test_shipped_data_sizes_and_regeneration(tmp_path):
-    from lorafleet import demo_data
+    import demo_data  # scripts/ (conftest puts it on sys.path)
 
     assert TASKS.stat().st_size < 1_500_000
     assert len(load_records(DataSpec(path=str(TASKS)))) == demo_data.NUM_TASKS

@@ -29,8 +29,10 @@ def _runnable(block: str) -> bool:
 
 
 def _examples():
-    for info in pkgutil.iter_modules(lorafleet.__path__):
-        module = importlib.import_module(f"lorafleet.{info.name}")
+    for info in pkgutil.walk_packages(lorafleet.__path__, "lorafleet."):
+        if info.name.endswith("__main__"):
+            continue  # running the command is its only content
+        module = importlib.import_module(info.name)
         objects = [module, *(obj for _, obj in inspect.getmembers(module) if getattr(obj, "__module__", None) == module.__name__)]
         for obj in list(objects):
             if inspect.isclass(obj):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafleet.generate import base_prefill, continue_with_adapter, prompt_ids
+from lorafleet.infer.generate import base_prefill, continue_with_adapter, prompt_ids
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_alora import tiny_alora  # noqa: E402
@@ -73,7 +73,7 @@ def test_alora_without_invocation_is_refused():
 
 
 def test_prompt_ids_append_the_invocation_only_when_missing():
-    from lorafleet.tokenizer import load_tokenizer
+    from lorafleet.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     ids, appended = prompt_ids(tok, "<|user|>cat 7<|end|>", [8, 9])

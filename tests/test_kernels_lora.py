@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from lorafleet.families import family_config
+from lorafleet.model.families import family_config
 from lorafleet.kernels import apply_kernels, lm_loss, remove_kernels
 from lorafleet.spec import KernelsSpec
 
@@ -224,7 +224,7 @@ def test_fused_attention_decodes_on_a_kv_cache(saved_models, family):
     # with the adapter on (fused path) and off (the original forward).
     from transformers import DynamicCache
 
-    from lorafleet.generate import _cache_name
+    from lorafleet.infer.generate import _cache_name
 
     model = load_peft(saved_models[family], "none", torch.float32).eval()
     ids = batch()[0][:1]
@@ -287,7 +287,7 @@ def alora_batch():
 
 def alora_loss_and_grads(model, fused_loss, active=None, seed=5):
     """Loss and grads with PEFT's own offsets (from input_ids through PeftModel.forward) or an explicit activation."""
-    from lorafleet.alora import activation
+    from lorafleet.model.alora import activation
 
     ids, mask, labels = alora_batch()
     model.zero_grad(set_to_none=True)
@@ -372,7 +372,7 @@ def test_fused_alora_ops_match_reference_variant():
     """lora_qkv / lora_o / lora_mlp with `active` against PEFT's aLoRA arithmetic on a single layer stack."""
     from peft import LoraConfig, get_peft_model
 
-    from lorafleet.alora import activation
+    from lorafleet.model.alora import activation
     from lorafleet.kernels.lora_ops import lora_mlp, lora_o, lora_qkv
 
     class Block(torch.nn.Module):

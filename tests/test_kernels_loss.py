@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from lorafleet.families import family_config
+from lorafleet.model.families import family_config
 from lorafleet.kernels.loss import chunked_lm_head_loss, lm_loss
 
 

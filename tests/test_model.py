@@ -3,11 +3,13 @@
 import torch
 from safetensors.torch import load_file
 
-from lorafleet.checkpoint import is_complete, load_training_state, save_checkpoint, set_rng_state
-from lorafleet.data import collate, prepare_samples
-from lorafleet.model import build_model, fast_bf16, load_tokenizer_for, materialize, resolve_base_model, torch_dtype
+from lorafleet.runstore.checkpoint import is_complete, load_training_state, save_checkpoint, set_rng_state
+from lorafleet.data.batching import collate
+from lorafleet.data.encode import prepare_samples
+from lorafleet.model.build import build_model, load_tokenizer_for, materialize, resolve_base_model
+from lorafleet.model.device import fast_bf16, torch_dtype
 from lorafleet.spec import ModelSpec, load_spec
-from lorafleet.strategy import DDPStrategy
+from lorafleet.train.strategies import DDPStrategy
 
 from conftest import JOBS
 

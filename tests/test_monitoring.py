@@ -27,12 +27,12 @@ def _spec(storage: str, *extra: str):
 
 
 def report_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorafleet.cli_remote", "report", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "lorafleet.cli", "report", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 
 def test_artifacts_written_next_to_checkpoints_and_merged_on_resume(tmp_path):
-    from lorafleet.monitoring import read_metrics, write_run_artifacts
+    from lorafleet.runstore.monitoring import read_metrics, write_run_artifacts
 
     spec = _spec(str(tmp_path / "runs"))
     where = write_run_artifacts(spec, _history(0, 6))
@@ -49,7 +49,7 @@ def test_artifacts_written_next_to_checkpoints_and_merged_on_resume(tmp_path):
 
 
 def test_artifacts_never_fail_a_run(tmp_path):
-    from lorafleet.monitoring import write_run_artifacts
+    from lorafleet.runstore.monitoring import write_run_artifacts
 
     blocker = tmp_path / "runs" / "mon-test"
     blocker.parent.mkdir(parents=True)
@@ -62,7 +62,7 @@ def test_artifacts_on_s3(tmp_path, monkeypatch):
     boto3 = pytest.importorskip("boto3")
     from moto.server import ThreadedMotoServer
 
-    from lorafleet.monitoring import read_metrics, write_run_artifacts
+    from lorafleet.runstore.monitoring import read_metrics, write_run_artifacts
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
@@ -83,7 +83,7 @@ def test_artifacts_on_s3(tmp_path, monkeypatch):
 
 
 def test_report_command(tmp_path):
-    from lorafleet.monitoring import write_run_artifacts
+    from lorafleet.runstore.monitoring import write_run_artifacts
 
     storage = str(tmp_path / "runs")
     write_run_artifacts(_spec(storage), _history(0, 5))
@@ -99,7 +99,7 @@ def test_report_command(tmp_path):
 
 
 def test_export_step_is_best_effort():
-    from lorafleet.monitoring import export_step
+    from lorafleet.runstore.monitoring import export_step
 
     export_step({"step": 1, "loss": 1.0}, job="x", rank=1)  # other ranks: nothing
     export_step({"step": 1, "loss": 1.0, "lr": None}, job="x", rank=0)  # outside a Ray worker: no exception

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,46 +12,18 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import JOBS, REPO, run_cli
+from conftest import JOBS, run_cli
 from test_remote_helpers import LocalRayCluster, free_port
 
 FAST = ["training.steps=4", "training.warmup=1", "kernels.enabled=false", "checkpoint.every_n_steps=4"]
 
-# Until cli.py's `submit` dispatches --address itself, run the same code path (`submit_remote_command`) through
-# an equivalent command, so these tests exercise remote submission either way.
-_SUBMIT_SHIM = """
-import sys, click
-from lorafleet.cli import _load, cli, main, set_option
-from lorafleet.cli_remote import submit_remote_command
-
-@cli.command("submit-remote")
-@click.argument("spec_path")
-@set_option
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--address", default=None)
-@click.option("--wait", is_flag=True)
-def _submit(spec_path, overrides, as_json, address, wait):
-    submit_remote_command(_load(spec_path, overrides), address, wait, as_json)
-
-main(["submit-remote", *sys.argv[1:]])
-"""
-
-
 def remote_cli(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`lorafleet ARGS` for the remote commands, whether or not cli.py registers them yet."""
-    return subprocess.run(
-        [sys.executable, "-m", "lorafleet.cli_remote", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    """`lorafleet ARGS` for the remote commands."""
+    return run_cli(*args, env=env, timeout=timeout)
 
 
 def submit_cli(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    help_text = run_cli("submit", "--help").stdout
-    if "--address" in help_text:
-        return run_cli("submit", *args, env=env, timeout=timeout)
-    return subprocess.run(
-        [sys.executable, "-c", _SUBMIT_SHIM, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return run_cli("submit", *args, env=env, timeout=timeout)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

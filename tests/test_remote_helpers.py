@@ -172,7 +172,7 @@ class LocalRayCluster:
 
 
 def test_train_settings_default_and_yield_to_the_environment(monkeypatch):
-    from lorafleet.driver import train_env
+    from lorafleet.train.driver import train_env
 
     monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
     assert train_env() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}

@@ -153,7 +153,7 @@ def test_cli_validate_prints_resolved_spec(cli):
 
 
 def test_jobs_readme_reference_is_current():
-    from lorafleet.spec import spec_reference
+    from lorafleet.spec.reference import spec_reference
 
     text = (JOBS / "README.md").read_text()
     generated = text.split("<!-- spec-doc:begin -->\n", 1)[1].split("<!-- spec-doc:end -->", 1)[0]

@@ -23,7 +23,7 @@ import pytest
 from conftest import REPO, SMALL_RUN
 from s3_server import SECRET_KEY, s3_server  # noqa: F401
 
-from lorafleet.checkpoint import is_complete
+from lorafleet.runstore.checkpoint import is_complete
 
 pytestmark = pytest.mark.slow
 

@@ -19,15 +19,8 @@ from gcs_server import gcs_server  # noqa: F401
 from test_checkpoint import _write
 from test_resume import submit
 
-from lorafleet.checkpoint import is_complete, load_training_state
-from lorafleet.storage import (
-    _persist,
-    _verify_upload,
-    delete_run,
-    list_checkpoint_dirs,
-    resolve_storage,
-    run_location,
-)
+from lorafleet.runstore.checkpoint import is_complete, load_training_state
+from lorafleet.runstore.storage import _persist, _verify_upload, delete_run, list_checkpoint_dirs, resolve_storage, run_location
 
 PREFIX = "runs/team-g"
 
@@ -118,7 +111,7 @@ def test_cli_run_checkpoints_to_gs_and_resumes(gcs_server, tmp_path):  # noqa: F
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from lorafleet.generate import load_adapter
+    from lorafleet.infer.generate import load_adapter
 
     storage, endpoint, run = f"gs://{gcs_server.bucket}/{PREFIX}", gcs_server.endpoint, f"{PREFIX}/gcs-e2e"
 

@@ -82,7 +82,7 @@ def test_adapter_loads_with_plain_peft_in_a_fresh_process(default_run):
 
 
 def _curve(spec):
-    from lorafleet.driver import run_job
+    from lorafleet.train.driver import run_job
 
     history = []
     summary = run_job(spec, on_progress=history.append)

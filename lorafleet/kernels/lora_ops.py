@@ -43,7 +43,6 @@ from torch import nn
 # (kernels must be defined after the variable is set) reaches the re-defined kernels.
 from . import activations as _act
 
-
 _CPU_HALF_NATIVE: Optional[bool] = None
 
 

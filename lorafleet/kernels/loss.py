@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from lorafleet.constants import IGNORE_INDEX
+from lorafleet.kernels.lora_ops import matmul_dtype
 
 # Rows per chunk = _CHUNK_ELEMS // vocab, so one chunk's fp32 logits are ~16 MiB (128 rows of a 32k vocabulary)
 # plus one same-size temporary for the soft-capped case. The bound is chosen for memory (the full-logits path
@@ -144,7 +145,6 @@ def chunked_lm_head_loss(
     """
     if hidden.dim() != 2 or targets.dim() != 1 or hidden.shape[0] != targets.shape[0]:
         raise ValueError("hidden must be [n, d] and targets [n]")
-    from .lora_ops import matmul_dtype
 
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else weight.dtype
     dtype = matmul_dtype(dtype, hidden.device)
@@ -190,7 +190,7 @@ def lm_loss(
     ```python
     >>> import torch
     >>> from transformers import AutoModelForCausalLM
-    >>> from lorafleet.families import family_config
+    >>> from lorafleet.model.families import family_config
     >>> cfg = family_config("llama", 64, {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
     ...                                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
     >>> model = AutoModelForCausalLM.from_config(cfg)

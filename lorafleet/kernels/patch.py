@@ -24,8 +24,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .loss import fused_loss_refusal
+from lorafleet.kernels.alora import offsets_to_mask
+
 from .lora_ops import lora_mlp, lora_o, lora_qkv
+from .loss import fused_loss_refusal
 
 _ORIG = "_lorafleet_orig_forward"
 
@@ -189,7 +191,6 @@ def alora_active(offsets: Any, x: torch.Tensor) -> torch.Tensor:
 
     ```
     """
-    from ..alora import offsets_to_mask
 
     if offsets is None:
         return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
@@ -374,7 +375,7 @@ def apply_kernels(model: nn.Module, spec: Any) -> dict[str, int]:
     ```python
     >>> from transformers import AutoModelForCausalLM
     >>> from peft import LoraConfig, get_peft_model
-    >>> from lorafleet.families import family_config
+    >>> from lorafleet.model.families import family_config
     >>> from lorafleet.spec import KernelsSpec
     >>> cfg = family_config("llama", 64, {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
     ...                                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})

@@ -1,0 +1,1 @@
+"""Training data: read and check records (`records`), render prompts (`templates`, `tokenizer`), tokenize and mask (`encode`), pack and pad (`batching`), plan global batches by step (`plan`), and locate aLoRA invocations (`alora`)."""

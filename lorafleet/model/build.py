@@ -1,0 +1,265 @@
+"""Model building: materialize a small base model, load it (4-bit) through `from_pretrained`, add PEFT LoRA.
+
+Everything a worker needs to turn a [`~lorafleet.spec.JobSpec`] into a trainable module lives here; the driver only
+calls [`resolve_base_model`] so that the adapter's `base_model_name_or_path` points at a directory anyone can load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from lorafleet.data.tokenizer import load_tokenizer
+from lorafleet.kernels import apply_kernels
+from lorafleet.model.device import torch_dtype
+from lorafleet.model.families import family_config
+from lorafleet.spec import JobSpec, ModelSpec, lorafleet_home
+
+logger = logging.getLogger(__name__)
+
+
+# Bumped when the way a materialized model is built changes, so stale caches are not reused.
+_MATERIALIZE_VERSION = 1
+
+
+def _assets_fingerprint() -> str:
+    # The materialized model embeds the shipped tokenizer; a new tokenizer must not reuse an old model.
+    digest = hashlib.sha256()
+    assets = Path(__file__).resolve().parent.parent / "assets"
+    for file in sorted(assets.rglob("*")) if assets.is_dir() else []:
+        if file.is_file():
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _model_key(model: ModelSpec) -> str:
+    payload = json.dumps(
+        {
+            "v": _MATERIALIZE_VERSION,
+            "family": model.architecture,
+            "config": model.config,
+            "tokenizer": _assets_fingerprint(),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def materialize(model: ModelSpec, root: Optional[Path] = None) -> Path:
+    """Build a small model of `model.architecture` with lorafleet's tokenizer and save it once.
+
+    The weights come from a fixed seed, so every node that materializes the same spec gets the same model; the
+    directory is written under a temporary name and renamed, so concurrent callers never see half a model.
+
+    Args:
+        model ([`~lorafleet.spec.ModelSpec`]):
+            The spec's `model` section; `architecture` must be set.
+        root (`Path`, *optional*):
+            Cache folder. Defaults to `$LORAFLEET_HOME/models`.
+
+    Returns:
+        `Path`: A directory with `config.json`, safetensors weights and the tokenizer.
+
+    Example:
+
+    ```python
+    >>> from lorafleet.spec import ModelSpec
+    >>> path = materialize(ModelSpec(architecture="llama", config={"num_hidden_layers": 1}))
+    >>> (path / "config.json").exists()
+    True
+    ```
+    """
+    from transformers import AutoModelForCausalLM
+
+
+    if model.architecture is None:
+        raise ValueError("materialize() needs model.architecture")
+    root = Path(root) if root is not None else lorafleet_home() / "models"
+    target = root / f"{model.architecture}-{_model_key(model)}"
+    if (target / "config.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer()
+    config = family_config(
+        model.architecture,
+        vocab_size=len(tokenizer),
+        overrides=model.config,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    # A private generator keeps the caller's global RNG untouched and makes the weights a function of the spec.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        # Saved in float32: loading casts to whatever dtype a worker's device wants.
+        built = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    try:
+        built.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process finished first; its copy is identical.
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_base_model(spec: JobSpec) -> str:
+    """The directory or hub id the workers load: `model.name_or_path`, or the materialized `model.architecture`."""
+    if spec.model.name_or_path is not None:
+        return spec.model.name_or_path
+    return str(materialize(spec.model))
+
+
+def load_tokenizer_for(base: str, trust_remote_code: bool = False):
+    """Load the tokenizer saved with the base model, making sure it can pad."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(spec: JobSpec, device: torch.device | str = "cpu"):
+    """A `BitsAndBytesConfig` for the spec's quantization section, or `None` for `type: none`."""
+    quant = spec.quantization
+    if quant.type == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    compute_name = quant.compute_dtype if quant.compute_dtype != "auto" else spec.model.dtype
+    compute = torch_dtype(compute_name, device)
+    zero3 = spec.scaling.strategy == "deepspeed" and spec.scaling.zero_stage == 3
+    storage = torch_dtype(quant.storage_dtype) if quant.storage_dtype else (compute if zero3 else None)
+    kwargs: dict[str, Any] = dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
+    if storage is not None:
+        # ZeRO-3 partitions parameters by dtype; packed uint8 weights next to bf16 ones break its flattening.
+        kwargs["bnb_4bit_quant_storage"] = storage
+    return BitsAndBytesConfig(**kwargs)
+
+
+def make_bnb_deterministic(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights in place on AVX512-BF16 CPUs.
+
+    `Linear4bit.forward` repacks its weight into a CPU-friendly layout the first time it runs in eval mode on an input
+    that does not require grad. The repack mutates the parameter DeepSpeed and DDP think they own, and under ZeRO-3 it
+    silently corrupts the frozen base (STACK-NOTES). Turning the fast path off keeps forwards identical and costs <2%.
+
+    Returns:
+        `int`: How many 4-bit layers were switched.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def load_base_model(spec: JobSpec, base: str, device: torch.device | str = "cpu"):
+    """Load the frozen base causal LM through `from_pretrained`, 4-bit unless `quantization.type: none`."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        base,
+        quantization_config=quantization_config(spec, device),
+        dtype=torch_dtype(spec.model.dtype, device),
+        device_map={"": device.index if device.type == "cuda" and device.index is not None else device.type},
+        attn_implementation="sdpa",
+        trust_remote_code=spec.model.trust_remote_code,
+    )
+    make_bnb_deterministic(model)
+    model.config.use_cache = False
+    return model
+
+
+def lora_config(spec: JobSpec, invocation_tokens: Optional[list[int]] = None):
+    """The PEFT `LoraConfig` for the spec (an aLoRA config when invocation tokens are given)."""
+    from peft import LoraConfig
+
+    kwargs: dict[str, Any] = {}
+    if invocation_tokens is not None:
+        kwargs["alora_invocation_tokens"] = list(invocation_tokens)
+    return LoraConfig(
+        r=spec.lora.r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=spec.lora.target_modules,
+        bias=spec.lora.bias,
+        task_type="CAUSAL_LM",
+        **kwargs,
+    )
+
+
+def add_lora(model, spec: JobSpec, invocation_tokens: Optional[list[int]] = None):
+    """Wrap `model` with fresh LoRA adapters seeded by `training.seed` (identical on every worker)."""
+    from peft import get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.training.seed)
+        peft_model = get_peft_model(model, lora_config(spec, invocation_tokens))
+    if spec.training.gradient_checkpointing:
+        peft_model.enable_input_require_grads()
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # from_pretrained returns eval mode; training mode also keeps bitsandbytes off its in-place repack path.
+    peft_model.train()
+    return peft_model
+
+
+def build_model(spec: JobSpec, base: str, device: torch.device | str = "cpu", invocation_tokens: Optional[list[int]] = None):
+    """Load the base model, add LoRA and apply the fused kernels the spec asks for.
+
+    Args:
+        spec ([`~lorafleet.spec.JobSpec`]):
+            The validated job spec.
+        base (`str`):
+            What [`resolve_base_model`] returned.
+        device (`torch.device` or `str`, *optional*, defaults to `"cpu"`):
+            Where the model lives.
+        invocation_tokens (`list[int]`, *optional*):
+            Build aLoRA adapters activated by this token sequence.
+
+    Returns:
+        `tuple`: the PEFT model and a map of fused path -> number of layers it covers (empty when kernels are off).
+
+    Example:
+
+    ```python
+    >>> from lorafleet.spec import load_spec
+    >>> spec = load_spec("jobs/llama.yaml", ["kernels.enabled=false"])
+    >>> model, kernels = build_model(spec, resolve_base_model(spec))
+    >>> kernels, model.peft_config["default"].r
+    ({}, 16)
+    ```
+    """
+    model = add_lora(load_base_model(spec, base, device), spec, invocation_tokens)
+    kernels: dict[str, int] = {}
+    if spec.kernels.enabled:
+
+        kernels = apply_kernels(model, spec.kernels)
+    return model, kernels
+

@@ -1,0 +1,1 @@
+"""Jobs on a remote Ray cluster: the Jobs API client (`client`) and the cluster-side entrypoint (`entrypoint`)."""

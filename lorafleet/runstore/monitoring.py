@@ -1,0 +1,220 @@
+"""Monitoring: per-step Ray metrics from the workers, and a run's metrics file and loss curve in its storage folder.
+
+Two audiences, two paths:
+
+- a live cluster: [`export_step`] sets Ray metric gauges (`ray_lorafleet_*`, tagged with the job name) from rank 0,
+  so Ray's Prometheus endpoint, the dashboard's Metrics view and Grafana show loss, learning rate, tokens/s and
+  memory while the run is going;
+- after the run: [`write_run_artifacts`] (called by the driver with the steps it collected) writes `metrics.jsonl`
+  and `loss.png` next to the run's checkpoints, on local disk or an object store, and [`run_artifacts`] says where.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from typing import Any, Optional
+
+from lorafleet.runstore.storage import resolve_storage, split_uri
+
+logger = logging.getLogger(__name__)
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+PLOT_FILE = "loss.png"
+
+
+# name -> (metrics key, description, scale). Memory is exported in bytes, the Prometheus convention.
+_GAUGES = {
+    "lorafleet_train_loss": ("loss", "Training loss (token mean over the global batch).", 1.0),
+    "lorafleet_train_learning_rate": ("lr", "Learning rate of the step.", 1.0),
+    "lorafleet_train_tokens_per_second": ("tokens_per_s", "Tokens per second over all workers.", 1.0),
+    "lorafleet_train_peak_rss_bytes": ("peak_rss_mb", "Peak resident memory of the rank-0 worker.", 1024.0 * 1024.0),
+    "lorafleet_train_grad_norm": ("grad_norm", "Gradient norm before clipping.", 1.0),
+    "lorafleet_train_step": ("step", "Optimizer steps completed.", 1.0),
+}
+
+
+_gauges: dict[str, Any] = {}
+
+
+def export_step(metrics: dict[str, Any], job: str, rank: int = 0) -> None:
+    """Set the Ray metric gauges from one step's metrics; a no-op on ranks other than 0.
+
+    Gauges are created once per process. Exporting must never stop a training run, so errors are logged once and
+    swallowed (Ray metrics need a connected Ray worker; outside one this does nothing).
+
+    Args:
+        metrics (`dict`):
+            The worker's step metrics (`step`, `loss`, `lr`, `tokens_per_s`, `peak_rss_mb`, `grad_norm`).
+        job (`str`):
+            The job name, exported as the `job` tag.
+        rank (`int`, *optional*, defaults to `0`):
+            The worker's world rank: only rank 0 exports, so a job is one time series, not one per worker.
+
+    Example:
+
+    ```python
+    >>> export_step({"step": 1, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 900.0, "peak_rss_mb": 812.0}, job="demo", rank=1)
+    ```
+    """
+    if rank != 0:
+        return
+    try:
+        if not _gauges:
+            from ray.util.metrics import Gauge
+
+            for name, (_, description, _scale) in _GAUGES.items():
+                _gauges[name] = Gauge(name, description=description, tag_keys=("job",))
+        for name, (key, _, scale) in _GAUGES.items():
+            value = metrics.get(key)
+            if isinstance(value, (int, float)):
+                _gauges[name].set(float(value) * scale, tags={"job": job})
+    except Exception as exc:  # noqa: BLE001 - monitoring is best effort by design
+        if not _gauges.get("_warned"):
+            logger.warning("lorafleet: Ray metrics export disabled: %s", exc)
+            _gauges["_warned"] = True
+
+
+def run_folder(storage_uri: str, job: str, endpoint: Optional[str] = None) -> tuple[str, Any]:
+    """The run's folder in storage (where Ray Train puts its checkpoints) as `(path, pyarrow filesystem or None)`."""
+
+    path, filesystem = resolve_storage(storage_uri, endpoint=endpoint)
+    return f"{path.rstrip('/')}/{job}", filesystem
+
+
+def run_artifacts(storage_uri: str, job: str) -> dict[str, str]:
+    """Where a run's `metrics.jsonl` and `loss.png` are, as URIs (what `lorafleet report` prints).
+
+    Args:
+        storage_uri (`str`):
+            The job's storage (`spec.storage_uri`): a local path, `s3://...` or `gs://...`.
+        job (`str`):
+            The job name (the run's folder).
+
+    Returns:
+        `dict`: `run_dir`, `metrics` and `plot` URIs.
+
+    Example:
+
+    ```python
+    >>> run_artifacts("s3://bucket/runs", "demo")["metrics"]
+    's3://bucket/runs/demo/metrics.jsonl'
+    ```
+    """
+
+    scheme, path = split_uri(storage_uri)
+    run_dir = f"{scheme}://{path}/{job}" if scheme else f"{path}/{job}"
+    return {"run_dir": run_dir, "metrics": f"{run_dir}/{METRICS_FILE}", "plot": f"{run_dir}/{PLOT_FILE}"}
+
+
+def _write(filesystem: Any, path: str, data: bytes) -> None:
+    if filesystem is None:
+        from pathlib import Path
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(data)
+        return
+    with filesystem.open_output_stream(path) as out:
+        out.write(data)
+
+
+def _read(filesystem: Any, path: str) -> Optional[bytes]:
+    try:
+        if filesystem is None:
+            from pathlib import Path
+
+            return Path(path).read_bytes()
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def read_metrics(storage_uri: str, job: str, endpoint: Optional[str] = None) -> list[dict[str, Any]]:
+    """The step records of a run's `metrics.jsonl` (empty if the run wrote none)."""
+    folder, filesystem = run_folder(storage_uri, job, endpoint)
+    data = _read(filesystem, f"{folder}/{METRICS_FILE}")
+    if not data:
+        return []
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+def loss_plot(history: list[dict[str, Any]], title: str) -> bytes:
+    """A PNG of loss (and learning rate, on a second axis) against step.
+
+    Example:
+
+    ```python
+    >>> png = loss_plot([{"step": 1, "loss": 3.0, "lr": 1e-3}, {"step": 2, "loss": 2.0, "lr": 1e-3}], "demo")
+    >>> png[:8] == b"\\x89PNG\\r\\n\\x1a\\n"
+    True
+    ```
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes; Agg renders straight to bytes
+    from matplotlib.figure import Figure
+
+    steps = [h["step"] for h in history]
+    figure = Figure(figsize=(6.4, 3.6), dpi=100)
+    axis = figure.add_subplot()
+    axis.plot(steps, [h["loss"] for h in history], color="tab:blue", marker="." if len(steps) < 50 else None)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss", color="tab:blue")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    if all("lr" in h for h in history):
+        lr_axis = axis.twinx()
+        lr_axis.plot(steps, [h["lr"] for h in history], color="tab:orange", alpha=0.6, linewidth=1)
+        lr_axis.set_ylabel("learning rate", color="tab:orange")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_run_artifacts(spec: Any, history: list[dict[str, Any]]) -> Optional[dict[str, str]]:
+    """Write `metrics.jsonl` and `loss.png` into the run's storage folder, next to its checkpoints.
+
+    A resumed run keeps the earlier run's records up to where it resumed, so the file and the curve cover the whole
+    training, not only the last attempt. Never raises: a finished run must not fail because a plot could not be
+    written (the problem is logged instead).
+
+    Args:
+        spec ([`~lorafleet.spec.JobSpec`]):
+            The job's spec (storage, endpoint and name).
+        history (`list[dict]`):
+            The per-step metrics the driver collected, in order.
+
+    Returns:
+        `dict` or `None`: The URIs ([`run_artifacts`]), or `None` if nothing was written.
+
+    Example:
+
+    ```python
+    >>> from lorafleet.spec import load_spec
+    >>> spec = load_spec("jobs/llama.yaml", ["checkpoint.storage=/tmp/lorafleet-doc-runs"])
+    >>> write_run_artifacts(spec, [{"step": 1, "loss": 3.0, "lr": 1e-3}])["metrics"]
+    '/tmp/lorafleet-doc-runs/llama-tasks/metrics.jsonl'
+    ```
+    """
+    if not history:
+        return None
+    try:
+        folder, filesystem = run_folder(spec.storage_uri, spec.name, spec.checkpoint.endpoint)
+        start = int(history[0].get("start_step", 0) or 0)
+        earlier: list[dict[str, Any]] = []
+        if start > 0:
+            earlier = [r for r in read_metrics(spec.storage_uri, spec.name, spec.checkpoint.endpoint) if r["step"] <= start]
+        records = earlier + [{k: v for k, v in h.items() if k != "kernels"} for h in history]
+        _write(filesystem, f"{folder}/{METRICS_FILE}", "".join(json.dumps(r) + "\n" for r in records).encode())
+        _write(filesystem, f"{folder}/{PLOT_FILE}", loss_plot(records, spec.name))
+        return run_artifacts(spec.storage_uri, spec.name)
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        logger.warning("lorafleet: could not write metrics/plot for %s: %s", spec.name, exc)
+        return None
+

@@ -1,0 +1,76 @@
+"""The job spec: one validated object that the driver hands to every worker.
+
+A spec is a YAML file with fixed top-level sections (`name`, `model`, `quantization`, `lora`, `alora`, `data`,
+`training`, `scaling`, `checkpoint`, `kernels`). Each field's `description` below is its documentation; `jobs/README.md`
+is generated from the same text by `lorafleet spec-doc`.
+
+Every problem with a spec is a [`SpecError`] whose message is one line naming the field, so the CLI can print it and
+exit with code 2 before anything starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel
+
+from lorafleet.spec.schema import JobSpec
+
+
+def _type_name(annotation: Any) -> str:
+    """A short, readable type for the reference table: `int`, `nf4 | fp4 | none`, `list[str] | all-linear`."""
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin is Union or (origin is not None and type(annotation).__name__ == "UnionType"):
+        return " | ".join(_type_name(a) for a in args if a is not type(None))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation)).replace("Any", "any")
+
+
+def spec_reference() -> str:
+    """Markdown reference of every spec field, generated from the field descriptions (`lorafleet spec-doc`).
+
+    Returns:
+        `str`: One table per section: field, type, default, meaning.
+
+    Example:
+
+    ```python
+    >>> "| `training.steps` |" in spec_reference()
+    True
+    ```
+    """
+    lines = []
+    for section, info in JobSpec.model_fields.items():
+        annotation = info.annotation
+        model = next(
+            (a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+            None,
+        )
+        if model is None:
+            lines += [f"## `{section}`", "", info.description or "", ""]
+            continue
+        optional = " (optional section)" if info.default is None and not info.is_required() else ""
+        lines += [f"## `{section}`{optional}", "", "| field | type | default | meaning |", "|---|---|---|---|"]
+        for name, field in model.model_fields.items():
+            if field.is_required():
+                default = "required"
+            elif field.default_factory is not None:
+                default = f"`{json_default(field.default_factory())}`"
+            else:
+                default = f"`{json_default(field.default)}`"
+            kind = _type_name(field.annotation).replace("|", "\\|")
+            lines.append(f"| `{section}.{name}` | {kind} | {default} | {field.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def json_default(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
+

@@ -1,0 +1,472 @@
+"""The job spec: one validated object that the driver hands to every worker.
+
+A spec is a YAML file with fixed top-level sections (`name`, `model`, `quantization`, `lora`, `alora`, `data`,
+`training`, `scaling`, `checkpoint`, `kernels`). Each field's `description` below is its documentation; `jobs/README.md`
+is generated from the same text by `lorafleet spec-doc`.
+
+Every problem with a spec is a [`SpecError`] whose message is one line naming the field, so the CLI can print it and
+exit with code 2 before anything starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3")
+
+
+STORAGE_SCHEMES = ("s3", "gs", "file")
+
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+_DTYPE_ALIASES = {
+    "auto": "auto",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+}
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+Dtype = Literal["auto", "bfloat16", "float32", "float16"]
+
+
+StorageDtype = Literal["bfloat16", "float32", "float16"]
+
+
+class SpecError(ValueError):
+    """A spec problem, worded as one line that names the field (`field: what is wrong`)."""
+
+
+def lorafleet_home() -> Path:
+    """Where lorafleet keeps materialized models and default run storage (`$LORAFLEET_HOME`, else `~/.lorafleet`)."""
+    return Path(os.environ.get("LORAFLEET_HOME", "~/.lorafleet")).expanduser()
+
+
+def _dtype(value: Any) -> Any:
+    if isinstance(value, str) and value.lower() in _DTYPE_ALIASES:
+        return _DTYPE_ALIASES[value.lower()]
+    return value
+
+
+class _Section(BaseModel):
+    # Unknown keys are refused: a typo such as `learning_rte` must fail at submit time, not be ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelSpec(_Section):
+    name_or_path: Optional[str] = Field(
+        None,
+        description="A local model directory (with config.json) or a Hugging Face hub id. Exclusive with `architecture`.",
+    )
+    architecture: Optional[Literal[FAMILIES]] = Field(  # type: ignore[valid-type]
+        None,
+        description="Build a small model of this family from a config instead of loading one: "
+        "llama, mistral, qwen2, gemma, gemma2 or gemma3. It is materialized once (cached) with lorafleet's tokenizer.",
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides for the built model's config (hidden_size, num_hidden_layers, ...). Only with `architecture`.",
+    )
+    dtype: Dtype = Field(
+        "auto",
+        description="Dtype of the non-quantized weights: auto, bfloat16, float32 or float16. auto: bfloat16 where the "
+        "device computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else float32.",
+    )
+    trust_remote_code: bool = Field(False, description="Passed to `from_pretrained` for hub models with custom code.")
+
+    _dtype = field_validator("dtype", mode="before")(_dtype)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.name_or_path is None) == (self.architecture is None):
+            raise ValueError("give exactly one of `name_or_path` or `architecture`")
+        if self.config and self.architecture is None:
+            raise ValueError("`config` overrides need `architecture`")
+        return self
+
+
+class QuantizationSpec(_Section):
+    type: Literal["nf4", "fp4", "none"] = Field("nf4", description="4-bit data type of the frozen base weights, or none.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Dtype = Field("auto", description="Dtype the 4-bit weights are dequantized to for matmuls (auto: as model.dtype).")
+    storage_dtype: Optional[StorageDtype] = Field(
+        None,
+        description="Dtype the packed 4-bit weights are stored in. Defaults to uint8; DeepSpeed ZeRO-3 needs it equal "
+        "to `compute_dtype` (set automatically).",
+    )
+
+    _dtype = field_validator("compute_dtype", "storage_dtype", mode="before")(_dtype)
+
+
+class LoraSpec(_Section):
+    r: int = Field(16, gt=0, le=4096, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input, in [0, 1).")
+    target_modules: Union[list[str], Literal["all-linear"]] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        description="Module names to adapt (suffix match), or `all-linear`.",
+    )
+    bias: Literal["none", "lora_only", "all"] = Field("none", description="Which biases are trained (PEFT's `bias`).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and (not value or any(not str(m).strip() for m in value)):
+            raise ValueError("must name at least one module and no empty names")
+        return value
+
+
+class AloraSpec(_Section):
+    invocation_string: Optional[str] = Field(
+        None,
+        description="Text whose tokens switch the adapter on; tokens before its last occurrence see the base model "
+        "only, so the base model's KV cache for them stays valid. Best framed by special tokens.",
+    )
+    invocation_tokens: Optional[list[int]] = Field(None, description="The same, as token ids (exclusive with the string).")
+    drop_samples_without_invocation: bool = Field(
+        False, description="Drop training samples that do not contain the invocation, instead of refusing the data."
+    )
+
+    @model_validator(mode="after")
+    def _one_invocation(self) -> "AloraSpec":
+        if (self.invocation_string is None) == (self.invocation_tokens is None):
+            raise ValueError("give exactly one of `invocation_string` or `invocation_tokens`")
+        if self.invocation_string is not None and not self.invocation_string.strip():
+            raise ValueError("`invocation_string` is empty")
+        if self.invocation_tokens is not None and (
+            not self.invocation_tokens or any(t < 0 for t in self.invocation_tokens)
+        ):
+            raise ValueError("`invocation_tokens` must be a non-empty list of non-negative token ids")
+        return self
+
+
+class DataSpec(_Section):
+    path: str = Field(..., description="A .jsonl, .json or .parquet file, or a directory saved by `datasets`.")
+    format: Literal["text", "instruction", "chat"] = Field(
+        "instruction",
+        description="text: a `text` field, trained on whole. instruction: `instruction`, optional `input`, "
+        "`output`; only the output is trained on. chat: `messages` of {role, content}; only assistant turns are trained on.",
+    )
+    max_length: int = Field(256, ge=8, le=131072, description="Tokens per sample (longer ones are truncated) or per packed row.")
+    packing: bool = Field(
+        False,
+        description="Pack several samples into each row of `max_length` tokens (attention stays within each sample; "
+        "with `alora`, each packed sample is activated from its own invocation).",
+    )
+    train_on_inputs: bool = Field(False, description="Also train on prompt tokens (instruction and chat formats).")
+    shuffle: bool = Field(True, description="Shuffle samples every epoch (seeded by `training.seed`).")
+
+
+class TrainingSpec(_Section):
+    steps: int = Field(100, gt=0, description="Optimizer steps to run.")
+    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    micro_batch_size: int = Field(4, gt=0, description="Samples per worker per forward/backward.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per worker accumulated into one optimizer step.")
+    warmup: int = Field(0, ge=0, description="Linear warm-up steps.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
+    seed: int = Field(42, ge=0, description="Seeds weights of new LoRA layers, data order and dropout.")
+    dtype: Dtype = Field(
+        "auto",
+        description="Autocast dtype for forward/backward; float32 turns autocast off. auto: bfloat16 where the device "
+        "computes it natively, else float32 (on an AVX2-only CPU bf16 matmuls are emulated and ~20x slower).",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+    _dtype = field_validator("dtype", mode="before")(_dtype)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "TrainingSpec":
+        if self.warmup > self.steps:
+            raise ValueError(f"`warmup` ({self.warmup}) is longer than `steps` ({self.steps})")
+        return self
+
+
+class ScalingSpec(_Section):
+    num_workers: int = Field(2, gt=0, le=4096, description="Ray Train workers (one process each).")
+    strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="Data parallelism: DDP, or DeepSpeed ZeRO.")
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage (only with strategy: deepspeed).")
+    deepspeed_config: Optional[dict[str, Any]] = Field(
+        None, description="Raw DeepSpeed config merged over the one lorafleet derives (experts only)."
+    )
+    use_gpu: Optional[bool] = Field(None, description="Workers on GPUs. Default: yes when the cluster has GPUs.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description='Ray resources per worker, e.g. {"CPU": 4, "GPU": 1}. Default: 1 CPU (+1 GPU).'
+    )
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited).")
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, amount in value.items():
+            if amount < 0:
+                raise ValueError(f"`{key}` must not be negative")
+        return value
+
+    @model_validator(mode="after")
+    def _deepspeed_only(self) -> "ScalingSpec":
+        if self.deepspeed_config is not None and self.strategy != "deepspeed":
+            raise ValueError("`deepspeed_config` needs `strategy: deepspeed`")
+        return self
+
+
+class CheckpointSpec(_Section):
+    storage: Optional[str] = Field(
+        None,
+        description="Where runs are stored: a local path, file://, s3://bucket/prefix or gs://bucket/prefix. "
+        "Default: $LORAFLEET_HOME/runs (~/.lorafleet/runs).",
+    )
+    every_n_steps: int = Field(50, gt=0, description="Save (adapter + optimizer state) every this many steps and at the end.")
+    keep: int = Field(2, gt=0, description="Newest checkpoints kept in storage.")
+    endpoint: Optional[str] = Field(None, description="Object-store endpoint URL: an S3-compatible server (default `AWS_ENDPOINT_URL`), or a GCS emulator (default `STORAGE_EMULATOR_HOST`; `http://` goes without credentials).")
+
+    @field_validator("storage")
+    @classmethod
+    def _scheme(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return value
+        if not value.strip():
+            raise ValueError("is empty")
+        match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", value)
+        if match:
+            scheme = match.group(1).lower()
+            if scheme not in STORAGE_SCHEMES:
+                raise ValueError(f"unsupported scheme '{scheme}://' (use s3://, gs://, file:// or a local path)")
+            if scheme in ("s3", "gs") and not value[len(scheme) + 3 :].strip("/"):
+                raise ValueError(f"'{value}' names no bucket")
+        return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
+class KernelsSpec(_Section):
+    enabled: bool = Field(True, description="Use lorafleet's fused LoRA paths where the layer layout allows.")
+    mlp: bool = Field(True, description="Fuse gate/up/down projections, their LoRA and the gated activation.")
+    qkv: bool = Field(True, description="Fuse the Q, K and V projections with their LoRA.")
+    o: bool = Field(True, description="Fuse the attention output projection with its LoRA.")
+    loss: bool = Field(True, description="LM head + cross-entropy in chunks, never materializing all logits.")
+
+
+class JobSpec(_Section):
+    name: str = Field(..., description="Job name: letters, digits, `.`, `_`, `-`; the run's folder in storage.")
+    model: ModelSpec
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    alora: Optional[AloraSpec] = None
+    data: DataSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    kernels: KernelsSpec = Field(default_factory=KernelsSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value) or ".." in value:
+            raise ValueError(
+                f"'{value}' is not a safe job name (1-64 of letters, digits, '.', '_', '-'; starting with a letter or digit)"
+            )
+        return value
+
+    @property
+    def storage_uri(self) -> str:
+        """`checkpoint.storage` with the default filled in."""
+        return self.checkpoint.storage or str(lorafleet_home() / "runs")
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step across all workers."""
+        return self.training.micro_batch_size * self.training.grad_accum * self.scaling.num_workers
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    kind, msg = first["type"], first["msg"]
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown field"
+    if kind == "missing":
+        return f"{loc}: required field is missing"
+    msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
+    if kind not in ("value_error", "assertion_error") and "input" in first and not isinstance(first["input"], dict):
+        msg = f"{msg} (got {first['input']!r})"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or value in (".", "..")
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    """Make relative local paths in `raw` absolute against `base` (the spec file's folder, or the working
+    directory for `--set` values), so a spec means the same thing wherever `lorafleet` is run from."""
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str):
+        data["path"] = str((base / Path(data["path"]).expanduser()).resolve())
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
+        value = model["name_or_path"]
+        candidate = base / Path(value).expanduser()
+        if _looks_local(value) or candidate.exists():
+            model["name_or_path"] = str(candidate.resolve())
+    ckpt = raw.get("checkpoint")
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("storage"), str):
+        value = ckpt["storage"]
+        if value.strip() and "://" not in value:
+            ckpt["storage"] = str((base / Path(value).expanduser()).resolve())
+
+
+def _check_files(spec: JobSpec) -> None:
+    data = Path(spec.data.path)
+    if not data.exists():
+        raise SpecError(f"data.path: no such file or directory: {data}")
+    if data.is_file() and data.suffix not in (".jsonl", ".json", ".parquet"):
+        raise SpecError(f"data.path: unsupported file type '{data.suffix}' (use .jsonl, .json, .parquet or a saved dataset dir)")
+    if data.is_dir() and not any((data / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        raise SpecError(f"data.path: {data} is not a directory saved by datasets' save_to_disk")
+    name = spec.model.name_or_path
+    if name is not None:
+        path = Path(name)
+        if path.is_absolute():
+            if not path.is_dir():
+                raise SpecError(f"model.name_or_path: no such model directory: {path}")
+            if not (path / "config.json").exists():
+                raise SpecError(f"model.name_or_path: {path} has no config.json")
+        elif not _HUB_ID_RE.match(name):
+            raise SpecError(f"model.name_or_path: '{name}' is neither a local directory nor a hub id")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one `--set key.path=value` item; the value is read as YAML (`5` is an int, `[a, b]` a list).
+
+    Args:
+        item (`str`): The `key.path=value` text.
+
+    Returns:
+        `tuple[list[str], Any]`: The key path and the parsed value.
+
+    Example:
+
+    ```python
+    >>> parse_override("training.steps=20")
+    (['training', 'steps'], 20)
+    ```
+    """
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise SpecError(f"--set {item}: expected key.path=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def _apply_override(raw: dict, path: list[str], value: Any) -> None:
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"{'.'.join(path[: i + 1])}: is not a section, cannot set {'.'.join(path)}")
+        node = child
+    node[path[-1]] = value
+
+
+def load_spec(path: Union[str, Path, None] = None, overrides: tuple[str, ...] | list[str] = (), raw: Optional[dict] = None) -> JobSpec:
+    """Read, override and validate a job spec.
+
+    Relative paths in the file are taken from the file's folder; relative paths given with `overrides` are taken
+    from the working directory.
+
+    Args:
+        path (`str` or `Path`, *optional*):
+            The YAML file. Exclusive with `raw`.
+        overrides (`list[str]`, *optional*, defaults to `()`):
+            `key.path=value` items applied over the file, validated the same way.
+        raw (`dict`, *optional*):
+            An already-parsed spec (e.g. built in a notebook); relative paths are taken from the working directory.
+
+    Returns:
+        [`JobSpec`]: The validated spec.
+
+    Raises:
+        [`SpecError`]: With a one-line message naming the field.
+
+    Example:
+
+    ```python
+    >>> spec = load_spec("jobs/llama.yaml", ["training.steps=50"])
+    >>> spec.training.steps, spec.model.architecture
+    (50, 'llama')
+    ```
+    """
+    if raw is None:
+        if path is None:
+            raise SpecError("no spec given")
+        file = Path(path)
+        if not file.is_file():
+            raise SpecError(f"{file}: no such spec file")
+        try:
+            raw = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "not valid YAML"
+            raise SpecError(f"{file}: invalid YAML{where}: {problem}") from None
+        if not isinstance(raw, dict):
+            raise SpecError(f"{file}: a job spec is a YAML mapping of sections (name, model, data, ...)")
+        base = file.resolve().parent
+    else:
+        raw = copy.deepcopy(raw)
+        base = Path.cwd()
+    _resolve_paths(raw, base)
+    for item in overrides:
+        keys, value = parse_override(item)
+        single: dict = {}
+        _apply_override(single, keys, value)
+        _resolve_paths(single, Path.cwd())
+        _apply_override(raw, keys, _get(single, keys))
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_format_error(err)) from None
+    _check_files(spec)
+    return spec
+
+
+def spec_from_json(text: str) -> JobSpec:
+    """Rebuild a spec that [`JobSpec.model_dump_json`] wrote (workers and remote entrypoints use this)."""
+    return JobSpec.model_validate_json(text)
+
+
+def _get(tree: dict, keys: list[str]) -> Any:
+    for key in keys:
+        tree = tree[key]
+    return tree
+
