@@ -68,13 +68,13 @@ def build(size: dict):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from lorafleet.compat.bitsandbytes import disable_cpu_repack
+
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=DTYPE)
     model = AutoModelForCausalLM.from_pretrained(model_dir(size), dtype=DTYPE, device_map="cpu",
                                                  quantization_config=quant)
-    for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
-            module.support_avx512bf16_for_cpu = False
+    disable_cpu_repack(model)
     torch.manual_seed(1)
     model = get_peft_model(model, LoraConfig(r=size["r"], lora_alpha=2 * size["r"], target_modules=TARGETS))
     with torch.no_grad():
@@ -95,9 +95,9 @@ def set_variant(model, variant: str) -> bool:
     remove_kernels(model)
     if variant == "peft":
         return False
-    summary = apply_kernels(model, KernelsSpec())
-    assert summary["mlp"] == summary["qkv"] == summary["o"] > 0 and summary["loss"] == 1, model.lorafleet_kernel_report
-    return True
+    plan = apply_kernels(model, KernelsSpec())
+    assert plan.applied["mlp"] == plan.applied["qkv"] == plan.applied["o"] > 0 and plan.fused_loss, plan.reasons()
+    return plan.fused_loss
 
 
 def step(model, optim, ids, fused: bool) -> float:

@@ -1,5 +1,11 @@
+"""Session setup and the fixtures shared across test modules.
+
+Shared code lives in `tests/helpers/` (imported as `helpers.<module>`: this file puts `tests/` on `sys.path`); no test
+module imports another. Everything under `tests/e2e/` is marked slow here, by place, so `-m "not slow"` skips every
+Ray job and end-to-end run.
+"""
+
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -10,49 +16,56 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("LORAFLEET_HOME", tempfile.mkdtemp(prefix="lorafleet-test-home-"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import pytest
+TESTS = Path(__file__).resolve().parent
+# `helpers` for every test module, whatever directory pytest imported it from; scripts/ for the development-time
+# generators (scripts/demo_data.py, scripts/demo_alora.py) that some tests call.
+sys.path[:0] = [p for p in (str(TESTS), str(TESTS.parent / "scripts")) if p not in sys.path]
 
-REPO = Path(__file__).resolve().parents[1]
-JOBS = REPO / "jobs"
-# The development-time generators (scripts/demo_data.py, scripts/demo_alora.py) are importable by the tests.
-sys.path.insert(0, str(REPO / "scripts"))
+import pytest  # noqa: E402
 
-# Overrides that shrink the default job to a few seconds of training: enough to exercise checkpoints, resume and
-# storage, in fp32 so results can be compared bitwise. LoRA dropout is on so that every worker's RNG stream shapes the
-# losses: a resume that restored any worker's RNG state wrongly would show.
-SMALL_RUN = [
-    "lora.dropout=0.1",
-    "kernels.enabled=false",
-    "model.config.num_hidden_layers=2",
-    "model.dtype=float32",
-    "quantization.compute_dtype=float32",
-    "training.dtype=float32",
-    "data.max_length=64",
-    "training.micro_batch_size=4",
-    "training.steps=6",
-    "training.warmup=1",
-    "checkpoint.every_n_steps=2",
-    "checkpoint.keep=2",
-]
+from lorafleet.data.tokenizer import load_tokenizer  # noqa: E402
+
+from helpers.cli import run_cli  # noqa: E402
+from helpers.gcs_server import running_gcs_server  # noqa: E402
+from helpers.models import save_family_models  # noqa: E402
+from helpers.s3_server import running_s3_server  # noqa: E402
+
+E2E = TESTS / "e2e"
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `lorafleet ARGS` in a fresh interpreter, the way a user does."""
-    return subprocess.run(
-        [sys.executable, "-m", "lorafleet.cli", *args],
-        cwd=cwd or REPO,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.is_relative_to(E2E):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
 def cli():
+    """[`helpers.cli.run_cli`]: `lorafleet ARGS` in a fresh interpreter."""
     return run_cli
 
 
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 with one bucket; the AWS_* variables point at it for the module's duration."""
+    with running_s3_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gcs_server():
+    """fake-gcs-server on 127.0.0.1 with one bucket, for the module's duration (no environment variable set)."""
+    with running_gcs_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """lorafleet's built-in tokenizer; one per module (tests may set its padding side)."""
+    return load_tokenizer()
+
+
 @pytest.fixture(scope="session")
-def default_job() -> Path:
-    return JOBS / "llama.yaml"
+def saved_models(tmp_path_factory) -> dict[str, Path]:
+    """Family -> path of a tiny random-init saved model of that family ([`helpers.models.save_family_models`])."""
+    return save_family_models(tmp_path_factory.mktemp("kernel_models"))

@@ -17,7 +17,7 @@ import re
 import pytest
 
 import lorafleet
-from conftest import REPO
+from helpers.cli import REPO
 
 FENCE = re.compile(r"```python\n(.*?)```", re.DOTALL)
 

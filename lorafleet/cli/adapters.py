@@ -10,7 +10,13 @@ import json
 
 import click
 
+from lorafleet.cli.console import configure_console
 from lorafleet.cli.errors import fail
+
+
+verbose_option = click.option(
+    "--verbose", "-v", is_flag=True, help="Show the libraries' logs, warnings and progress bars."
+)
 
 
 @click.command()
@@ -21,8 +27,10 @@ from lorafleet.cli.errors import fail
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--endpoint", default=None, help="Object-store endpoint URL (S3-compatible servers).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line: text, tokens, invocation_appended.")
-def generate(adapter_uri: str, prompt: str, max_new_tokens: int, endpoint, as_json: bool) -> None:
+@verbose_option
+def generate(adapter_uri: str, prompt: str, max_new_tokens: int, endpoint, as_json: bool, verbose: bool) -> None:
     """Greedy generation with a trained LoRA or aLoRA adapter on its base model."""
+    configure_console(verbose)
     from lorafleet.infer.generate import continue_with_adapter, invocation_of, load_adapter, prompt_ids, stop_ids
 
     try:
@@ -44,10 +52,13 @@ def generate(adapter_uri: str, prompt: str, max_new_tokens: int, endpoint, as_js
 
 @click.command()
 @click.option("--adapter", "adapter_uri", required=True, metavar="URI", help="Adapter directory or storage URI.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Where to save the merged model.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Where to save the merged model.")
 @click.option("--endpoint", default=None, help="Object-store endpoint URL (S3-compatible servers).")
-def merge(adapter_uri: str, out_dir: str, endpoint) -> None:
+@verbose_option
+def merge(adapter_uri: str, out_dir: str, endpoint, verbose: bool) -> None:
     """Merge a LoRA adapter into its base model (refused for aLoRA adapters)."""
+    configure_console(verbose)
     from lorafleet.infer.merge import MergeRefused, merge_adapter
 
     try:

@@ -8,6 +8,7 @@ from typing import Optional
 
 import click
 
+from lorafleet.cli.console import configure_console
 from lorafleet.cli.errors import fail
 from lorafleet.cli.progress import ProgressView
 from lorafleet.cli.remote import submit_remote_command
@@ -21,7 +22,7 @@ def load_or_fail(spec_path: str, overrides: tuple[str, ...]):
     try:
         return load_spec(spec_path, overrides)
     except SpecError as exc:
-        fail(str(exc))
+        fail(*exc.problems)
 
 
 set_option = click.option(
@@ -37,8 +38,9 @@ set_option = click.option(
 @click.argument("spec_path", metavar="JOB.yaml", type=click.Path(dir_okay=False))
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="End stdout with one JSON summary line.")
-@click.option("--verbose", "-v", is_flag=True, help="Show Ray's and the workers' logs.")
-@click.option("--fresh", is_flag=True, help="Delete this job's earlier run in storage and start over instead of resuming.")
+@click.option("--verbose", "-v", is_flag=True, help="Show Ray's, the workers' and the libraries' logs.")
+@click.option("--fresh", is_flag=True,
+              help="Delete this job's earlier run in storage and start over instead of resuming.")
 @click.option(
     "--address",
     default=None,
@@ -46,14 +48,17 @@ set_option = click.option(
     help="Submit through the Jobs API of the cluster whose dashboard is at URL (http://HEAD:8265); "
     "default: RAY_ADDRESS when it is such a URL, else run here.",
 )
-@click.option("--wait", is_flag=True, help="With a Jobs API address: follow the job to the end (default: print its id).")
+@click.option("--wait", is_flag=True,
+              help="With a Jobs API address: follow the job to the end (default: print its id).")
 def submit(
-    spec_path: str, overrides: tuple[str, ...], as_json: bool, verbose: bool, fresh: bool, address: Optional[str], wait: bool
+    spec_path: str, overrides: tuple[str, ...], as_json: bool, verbose: bool, fresh: bool, address: Optional[str],
+    wait: bool,
 ) -> None:
     """Validate JOB.yaml and run it on Ray Train until it finishes (or hand it to a cluster with --address).
 
     Re-submitting a job with the same name and storage continues from its latest checkpoint.
     """
+    configure_console(verbose)
     spec = load_or_fail(spec_path, overrides)
     from lorafleet.remote.client import remote_address
 
@@ -75,7 +80,7 @@ def submit(
     try:
         summary = run_job(spec, on_progress=view.update, verbose=verbose, fresh=fresh)
     except SpecError as exc:
-        fail(str(exc))
+        fail(*exc.problems)
     finally:
         view.close()
     if summary.status == "succeeded":

@@ -258,7 +258,8 @@ def report(job: str, overrides: tuple[str, ...], storage: Optional[str], address
 
 
 def _local_report(job: str, overrides: tuple[str, ...], storage: Optional[str]) -> dict[str, Any]:
-    from lorafleet.runstore.monitoring import read_metrics, run_artifacts
+    from lorafleet.runstore.location import RunLocation
+    from lorafleet.runstore.monitoring import read_metrics
     from lorafleet.spec import SpecError, load_spec, lorafleet_home
     from lorafleet.spec.schema import _NAME_RE
 
@@ -267,21 +268,22 @@ def _local_report(job: str, overrides: tuple[str, ...], storage: Optional[str]) 
         try:
             spec = load_spec(job, overrides)
         except SpecError as exc:
-            raise UsageError(str(exc)) from None
+            raise UsageError(*exc.problems) from None
         name, storage_uri, endpoint = spec.name, storage or spec.storage_uri, spec.checkpoint.endpoint
     else:
         if not _NAME_RE.match(job):
             raise UsageError(f"'{job}' is neither a job spec file nor a job name")
         name, storage_uri = job, storage or str(lorafleet_home() / "runs")
+    location = RunLocation(storage_uri, name, endpoint)
     try:
-        records = read_metrics(storage_uri, name, endpoint)
+        records = read_metrics(location)
     except OSError as exc:
         raise UsageError(f"cannot read run storage {storage_uri}: {str(exc).splitlines()[0]}") from None
     if not records:
         raise UsageError(f"no metrics for job '{name}' in {storage_uri} (has it run? pass --storage if elsewhere)")
     return {
         "job": name,
-        **run_artifacts(storage_uri, name),
+        **location.artifacts(),
         "steps": records[-1]["step"],
         "first_loss": records[0]["loss"],
         "final_loss": records[-1]["loss"],

@@ -1,29 +1,7 @@
-"""Training data: read and check records, tokenize and mask them, pack, collate, and plan the global batches.
+"""Reading training records: `data.path` as `.jsonl`, `.json`, `.parquet` or a `datasets.save_to_disk` folder.
 
-What the driver and the training workers call, in order:
-
-1. [`load_records`] reads `data.path` (.jsonl, .json, .parquet or a `datasets.save_to_disk` folder) and refuses bad
-   records with one-line [`SpecError`]s naming the record.
-2. [`prepare_samples`] turns records into `{"input_ids", "labels"}` samples (labels aligned with input_ids, prompt
-   tokens -100; the model shifts), truncates, drops samples left with nothing to learn, and optionally packs.
-3. [`BatchPlan`] says which sample indices make up global optimizer step k and which of them each worker's
-   micro-batches take; it depends only on the step number, so a resumed run continues the same order.
-4. [`collate`] pads a micro-batch into tensors.
-
-The instruction format uses a plain-text prompt (works with any tokenizer, no special tokens needed):
-
-```
-<bos>### Instruction:
-{instruction}
-
-### Input:
-{input}
-
-### Response:
-{output}<eos>
-```
-
-(the `### Input:` block is left out when a record has no `input`). Only `{output}<eos>` is trained on.
+[`load_records`] reads every record and refuses bad ones with a one-line [`~lorafleet.spec.SpecError`] naming the
+record (and its JSON line), so bad data fails at submit time, before Ray starts.
 """
 
 from __future__ import annotations

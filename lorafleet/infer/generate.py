@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -20,10 +19,12 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from lorafleet.compat.transformers import cache_argument
 from lorafleet.data.alora import find_invocation
 from lorafleet.model.build import load_tokenizer_for
 from lorafleet.model.device import torch_dtype
-from lorafleet.runstore.storage import filesystem_for, split_uri
+from lorafleet.runstore.checkpoint import ADAPTER_FILES
+from lorafleet.runstore.location import fetch_files, split_uri
 
 
 def fetch_adapter(uri: str, endpoint: Optional[str] = None) -> Path:
@@ -38,18 +39,14 @@ def fetch_adapter(uri: str, endpoint: Optional[str] = None) -> Path:
     Returns:
         `Path`: The directory.
     """
-
     scheme, path = split_uri(uri)
     if scheme == "":
         local = Path(path)
         if not (local / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{uri}: no adapter_config.json (not a PEFT adapter directory)")
         return local
-    fs = filesystem_for(scheme, endpoint)
     target = Path(tempfile.mkdtemp(prefix="lorafleet-adapter-"))
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        with fs.open_input_stream(f"{path}/{name}") as src, open(target / name, "wb") as dst:
-            dst.write(src.read())
+    fetch_files(uri, ADAPTER_FILES, target, endpoint=endpoint)
     return target
 
 
@@ -99,13 +96,6 @@ def invocation_of(model) -> Optional[list[int]]:
     return list(tokens) if tokens else None
 
 
-def _cache_name(model) -> str:
-    """The forward argument (and output field) that carries the KV cache: `cache` since transformers 5.24,
-    `past_key_values` before. The old name still works there, with a warning, until it is removed in 5.40."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-
-
 @torch.no_grad()
 def base_prefill(model, input_ids: torch.Tensor):
     """Run the *base* model over `input_ids` (`[1, n]`) and return its KV cache (a `DynamicCache`).
@@ -115,7 +105,7 @@ def base_prefill(model, input_ids: torch.Tensor):
     """
     adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with adapter_off:
-        return getattr(model(input_ids=input_ids, use_cache=True), _cache_name(model))
+        return getattr(model(input_ids=input_ids, use_cache=True), cache_argument(model))
 
 
 @dataclass
@@ -214,7 +204,7 @@ def continue_with_adapter(
     else:
         cache = DynamicCache()
 
-    cache_name = _cache_name(model)
+    cache_name = cache_argument(model)
 
     def step(chunk: torch.Tensor, offsets: Optional[list[int]]):
         kwargs = {"alora_offsets": offsets} if invocation is not None else {}

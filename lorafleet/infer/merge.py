@@ -1,17 +1,11 @@
-"""Inference with trained adapters: load one, generate, and run an aLoRA adapter on the base model's KV cache.
-
-An aLoRA adapter leaves every token before its invocation exactly as the base model computes it, so a conversation
-the base model has already prefilled does not need to be recomputed when the adapter is invoked: only the
-invocation and the tokens after it go through the model ([`continue_with_adapter`]). A plain LoRA adapter changes
-every token, so the same call recomputes the whole sequence. The output is the same as one adapter forward over
-the whole sequence either way; only the work differs.
-"""
+"""Merging a plain LoRA adapter into its base model (refused for aLoRA adapters)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
+from lorafleet.compat.accelerate import unwrap_without_deepspeed
 from lorafleet.infer.generate import adapter_config, load_adapter
 
 
@@ -42,7 +36,8 @@ def merge_adapter(uri: str, out_dir: str, endpoint: Optional[str] = None) -> Pat
     model, tokenizer = load_adapter(uri, dtype="float32", endpoint=endpoint)
     merged = model.merge_and_unload()
     out = Path(out_dir)
-    merged.save_pretrained(out)
+    with unwrap_without_deepspeed():
+        merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 

@@ -3,8 +3,9 @@ the per-family patch layer.
 
 The training loop needs two calls:
 
-- [`apply_kernels`]`(peft_model, spec.kernels) -> {"mlp": n, "qkv": n, "o": n, "loss": 0|1}`;
-- [`lm_loss`]`(model, input_ids, attention_mask, labels, position_ids, fused=...) -> (loss_sum, n_tokens)`.
+- [`apply_kernels`]`(peft_model, spec.kernels) -> KernelPlan` (`plan.applied`: `{"mlp": n, "qkv": n, "o": n,
+  "loss": 0|1}`; `plan.skipped`: what was left unfused, and why);
+- [`lm_loss`]`(model, input_ids, attention_mask, labels, position_ids, fused=plan.fused_loss) -> (loss_sum, n_tokens)`.
 
 Importing this package never requires a GPU or Triton.
 """
@@ -13,11 +14,14 @@ from .activations import HAS_TRITON, gated_backward, gated_forward, geglu_ref, s
 from .lora_ops import LoRAMLPFunction, LoRAProjectionsFunction, lora_mlp, lora_o, lora_qkv
 from .loss import chunked_lm_head_loss, fused_loss_refusal, lm_loss
 from .patch import apply_kernels, remove_kernels
+from .plan import KernelPlan, SkippedKernel
 
 __all__ = [
     "HAS_TRITON",
+    "KernelPlan",
     "LoRAMLPFunction",
     "LoRAProjectionsFunction",
+    "SkippedKernel",
     "apply_kernels",
     "chunked_lm_head_loss",
     "fused_loss_refusal",

@@ -21,7 +21,6 @@ again, so it uses the returned tensors.
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import torch
@@ -291,26 +290,12 @@ def gated_backward_triton(
 
 
 def triton_usable(t: torch.Tensor) -> bool:
-    """Whether the Triton kernels can run on `t`: Triton imports and `t` is on a CUDA (or ROCm) device.
+    """Whether the Triton kernels run on `t`: Triton imports and `t` is on a CUDA (or ROCm) device.
 
-    Under `TRITON_INTERPRET=1` CPU tensors also qualify (tests use that to run the kernels without a GPU).
+    CPU tensors always take the torch path, even under `TRITON_INTERPRET=1`: the interpreter is ~250x slower than
+    eager torch. (The launchers themselves accept CPU tensors under the interpreter.)
     """
-    if not HAS_TRITON:
-        return False
-    if t.is_cuda:
-        return True
-    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _INTERPRET_CPU
-
-
-# The interpreter is ~250x slower than eager torch: by default CPU tensors use torch even when
-# TRITON_INTERPRET=1, unless a test opts in with `use_interpreter_on_cpu(True)`.
-_INTERPRET_CPU = False
-
-
-def use_interpreter_on_cpu(flag: bool) -> None:
-    """Route CPU tensors through the Triton interpreter (tests only; needs `TRITON_INTERPRET=1`)."""
-    global _INTERPRET_CPU
-    _INTERPRET_CPU = bool(flag)
+    return HAS_TRITON and t.is_cuda
 
 
 def gated_forward(g: torch.Tensor, u: torch.Tensor, activation: Activation) -> torch.Tensor:

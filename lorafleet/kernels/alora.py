@@ -1,21 +1,7 @@
-"""Activated LoRA (aLoRA): the invocation, where it activates the adapter, and how training passes that to PEFT.
+"""aLoRA activation as a mask: PEFT's per-row `alora_offsets` turned into the per-token mask the fused kernels apply.
 
-An aLoRA adapter changes the model only on the tokens from the *last* occurrence of its invocation sequence onward;
-every token before it sees the frozen base model, so the base model's KV cache for a conversation stays valid when
-the adapter is invoked on it (see [`~lorafleet.generate.continue_with_adapter`]). PEFT implements the layers
-(`LoraConfig(alora_invocation_tokens=...)`); this module adds what a training tool needs around them:
-
-- [`resolve_invocation`]: the spec's `alora.invocation_string` / `invocation_tokens` as token ids, checked at submit
-  time (non-empty, in the vocabulary, framed by special tokens or a warning).
-- [`find_invocation`] and [`Invocation`]: where a sample's invocation starts, and its labels masked so that the loss
-  only counts the tokens after the invocation (the tokens before it cannot be changed by the adapter).
-- [`activation`]: runs a forward with an explicit activation, either PEFT's per-row `alora_offsets` or, for packed
-  rows holding several samples (each with its own invocation), a per-token activation mask.
-
-PEFT's convention, used throughout: `alora_offsets[i]` is the number of tokens from the start of row i's invocation
-to the end of the row, so the adapter is active on the last `alora_offsets[i]` positions. Counted from the end, it
-does not depend on left padding; with right padding the padded tail is counted too (padding is never attended to
-nor trained, so activating it changes nothing).
+PEFT's convention: `alora_offsets[i]` is the number of tokens from the start of row i's invocation to the end of the
+row, so the adapter is active on the last `alora_offsets[i]` positions.
 """
 
 from __future__ import annotations

@@ -39,9 +39,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-# Looked up through the module at call time, so a test that re-imports `activations` under TRITON_INTERPRET=1
-# (kernels must be defined after the variable is set) reaches the re-defined kernels.
-from . import activations as _act
+from .activations import gated_backward, gated_forward
 
 _CPU_HALF_NATIVE: Optional[bool] = None
 
@@ -342,7 +340,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             x_c, x_l = _cast(x2, cd), _cast(x2, ld)  # one cast shared by gate and up (PEFT/bnb cast once per projection)
             g, act_g = _lora_forward(x_c, x_l, gate, a_g, b_g, n_g, active, dtypes)
             u, act_u = _lora_forward(x_c, x_l, up, a_u, b_u, n_u, active, dtypes)
-            h = _act.gated_forward(g, u, activation)
+            h = gated_forward(g, u, activation)
             out, act_d = _lora_forward(_cast(h, cd), _cast(h, ld), down, a_d, b_d, n_d, active, dtypes)
         ctx.projs, ctx.dtypes, ctx.activation, ctx.x_shape = projs, dtypes, activation, x.shape
         ctx.save_for_backward(x2, g, u, act_g, act_u, act_d, active, a_g, b_g, n_g, a_u, b_u, n_u, a_d, b_d, n_d)
@@ -375,7 +373,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             dh = dh.contiguous()
 
         # In place: the gate/up buffers and dh receive h (recomputed), dL/dg and dL/du.
-        h, dg, du = _act.gated_backward(dh, g, u, ctx.activation)
+        h, dg, du = gated_backward(dh, g, u, ctx.activation)
         d_ad = t_d.t() @ _masked(_cast(h, ld), n_d)
 
         x_l = _cast(x2, ld)

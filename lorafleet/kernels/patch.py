@@ -3,7 +3,9 @@
 [`apply_kernels`] checks each decoder layer's structure and, where it knows the layout, replaces (on the module
 instance, not the class) the MLP's `forward`, the attention's `forward` (with a forward written for the family's
 layout that computes Q/K/V through [`lora_qkv`]) and the O projection's `forward` (through [`lora_o`]). It never
-edits library source. Every layer/path it does not fuse is listed with a reason in the returned report.
+edits library source. Every layer/path it does not fuse is listed with a reason in the returned [`KernelPlan`].
+Which attention and MLP classes it knows, and each attention's layout, come from the family registry
+([`lorafleet.families`]).
 
 Each patched forward re-checks cheap runtime conditions (adapters disabled, merged, another adapter activated,
 extra call arguments) and runs the original forward when they do not hold, so PEFT's context managers such as
@@ -16,15 +18,23 @@ fused Functions, which add the LoRA update only on active tokens, as PEFT's own 
 
 from __future__ import annotations
 
-import sys
 import types
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from lorafleet.compat.bitsandbytes import is_cpu_packed
+from lorafleet.compat.peft import hooked_alora_offsets, is_alora_variant, lora_variant
+from lorafleet.compat.transformers import (
+    apply_rotary_pos_emb,
+    attention_interface,
+    missing_attention_functions,
+    pop_cache_argument,
+)
+from lorafleet.families import FAMILIES, AttentionLayout
 from lorafleet.kernels.alora import offsets_to_mask
+from lorafleet.kernels.plan import KernelPlan, SkippedKernel
 
 from .lora_ops import lora_mlp, lora_o, lora_qkv
 from .loss import fused_loss_refusal
@@ -37,33 +47,10 @@ _ORIG = "_lorafleet_orig_forward"
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AttentionLayout:
-    """How a family's attention forward differs from Llama's.
-
-    Attributes:
-        qk_norm (`bool`): Q and K pass through `q_norm` / `k_norm` before rotary (gemma3).
-        sliding_window (`str`): `none` (not passed), `config` (`config.sliding_window`, mistral) or `attr`
-            (`self.sliding_window`, qwen2/gemma2/gemma3).
-        softcap (`bool`): Pass `softcap=self.attn_logit_softcapping` (gemma2).
-    """
-
-    qk_norm: bool = False
-    sliding_window: str = "none"
-    softcap: bool = False
-
-
-ATTENTION_LAYOUTS: dict[str, AttentionLayout] = {
-    "LlamaAttention": AttentionLayout(),
-    "MistralAttention": AttentionLayout(sliding_window="config"),
-    "Qwen2Attention": AttentionLayout(sliding_window="attr"),
-    "GemmaAttention": AttentionLayout(),
-    "Gemma2Attention": AttentionLayout(sliding_window="attr", softcap=True),
-    "Gemma3Attention": AttentionLayout(qk_norm=True, sliding_window="attr"),
-}
+ATTENTION_LAYOUTS: dict[str, AttentionLayout] = {f.attention_class: f.attention for f in FAMILIES.values()}
 
 # MLP classes whose forward is exactly `down_proj(act_fn(gate_proj(x)) * up_proj(x))`.
-GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP")
+GATED_MLPS: tuple[str, ...] = tuple(f.mlp_class for f in FAMILIES.values())
 
 
 def activation_name(act: nn.Module) -> Optional[str]:
@@ -117,7 +104,7 @@ def lora_refusal(layer: Any, name: str) -> Optional[str]:
     adapter = active[0]
     if adapter not in layer.lora_A:
         return f"{name} has no LoRA weights for active adapter {adapter!r}"
-    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    variant = lora_variant(layer, adapter)
     if variant is not None and not is_alora(layer, adapter):
         vname = type(variant).__name__
         if "dora" in vname.lower():
@@ -135,7 +122,7 @@ def lora_refusal(layer: Any, name: str) -> Optional[str]:
         state = getattr(base.weight, "quant_state", None)
         if state is None:
             return f"{name}: Linear4bit weight is not quantized yet (no quant_state)"
-        if getattr(state, "packing_format_for_cpu", False):
+        if is_cpu_packed(base.weight):
             return (
                 f"{name}: 4-bit weight was repacked for AVX512-BF16 inference; set support_avx512bf16_for_cpu=False "
                 "on every Linear4bit before the first forward"
@@ -151,23 +138,7 @@ def lora_refusal(layer: Any, name: str) -> Optional[str]:
 
 def is_alora(layer: nn.Module, adapter: str) -> bool:
     """Whether `adapter` of the PEFT LoRA layer `layer` is an activated LoRA (PEFT's aLoRA variant)."""
-    from peft.tuners.lora.variants import ALoraLinearVariant
-
-    return isinstance(getattr(layer, "lora_variant", {}).get(adapter), ALoraLinearVariant)
-
-
-def _hooked_alora_offsets(layer: nn.Module) -> Any:
-    """The `alora_offsets` PEFT's forward pre-hooks would pass to `layer` now (None when no hook is set).
-
-    PEFT activates aLoRA layers by registering, for the duration of a forward, a pre-hook on every LoRA layer that
-    adds `alora_offsets=...` to the layer's call. The fused paths compute the projections without calling the
-    layers, so they read the value from the hook (the last one registered wins, as it would in the call).
-    """
-    found = None
-    for hook in layer._forward_pre_hooks.values():
-        if getattr(getattr(hook, "func", None), "__name__", "") == "_alora_offsets_pre_forward_hook":
-            found = hook.keywords["alora_offsets"]
-    return found
+    return is_alora_variant(lora_variant(layer, adapter))
 
 
 def alora_active(offsets: Any, x: torch.Tensor) -> torch.Tensor:
@@ -218,7 +189,8 @@ def _activation_for(layer: nn.Module, adapter: str, x: torch.Tensor) -> Optional
     # Read per call: the hook, hence the activation, changes with every batch.
     if not is_alora(layer, adapter):
         return None
-    return alora_active(_hooked_alora_offsets(layer), x)
+    # The fused paths never call the layer, so PEFT's pre-hook that would hand it the activation never runs.
+    return alora_active(hooked_alora_offsets(layer), x)
 
 
 def _mlp_forward(self, x, *args, **kwargs):
@@ -251,11 +223,9 @@ def _attention_forward(
     projs = (self.q_proj, self.k_proj, self.v_proj)
     if not _still_fusable(projs, self._lorafleet_adapter):
         return getattr(self, _ORIG)(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-    # The KV cache is the 4th argument, named `past_key_values` before transformers 5.24 and `cache` since; taking it
-    # under either name keeps it out of `kwargs`, which go on to the attention function.
-    cache = args[0] if args else kwargs.pop("cache", kwargs.pop("past_key_values", None))
+    # Taken out of `kwargs` under either of its names: the rest of `kwargs` goes on to the attention function.
+    cache = pop_cache_argument(args, kwargs)
     layout: AttentionLayout = self._lorafleet_layout
-    family = sys.modules[type(self).__module__]
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
 
@@ -270,13 +240,11 @@ def _attention_forward(
         key = self.k_norm(key)
 
     cos, sin = position_embeddings
-    query, key = family.apply_rotary_pos_emb(query, key, cos, sin)
+    query, key = apply_rotary_pos_emb(self, query, key, cos, sin)
     if cache is not None:
         key, value = cache.update(key, value, self.layer_idx)
 
-    interface: Callable = family.ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation, family.eager_attention_forward
-    )
+    interface: Callable = attention_interface(self)
     extra: dict[str, Any] = {}
     if layout.sliding_window == "config":
         extra["sliding_window"] = getattr(self.config, "sliding_window", None)
@@ -355,7 +323,7 @@ def _check_group(owner: nn.Module, names: tuple[str, ...]) -> tuple[Optional[str
     return None, adapter
 
 
-def apply_kernels(model: nn.Module, spec: Any) -> dict[str, int]:
+def apply_kernels(model: nn.Module, spec: Any) -> KernelPlan:
     """Route a PEFT LoRA model's decoder layers through the fused kernels that `spec` enables.
 
     Args:
@@ -364,11 +332,11 @@ def apply_kernels(model: nn.Module, spec: Any) -> dict[str, int]:
         spec (`lorafleet.spec.KernelsSpec`): Which paths to fuse (`enabled`, `mlp`, `qkv`, `o`, `loss`).
 
     Returns:
-        `dict[str, int]`: Fused path -> number of decoder layers covered (`loss` counts the model's head: 0 or 1),
-        e.g. `{"mlp": 4, "qkv": 4, "o": 4, "loss": 1}`; empty when `spec.enabled` is false. The full report, with a
-        reason for every layer/path left unfused, is stored as `model.lorafleet_kernel_report`
-        (`{"applied": {...}, "skipped": [{"layer": ..., "path": ..., "reason": ...}]}`). The training loop
-        should call [`lm_loss`] with `fused=bool(summary.get("loss"))`.
+        [`KernelPlan`]: `applied` maps each fused path to the number of decoder layers it covers (`loss` counts the
+        model's head: 0 or 1), e.g. `{"mlp": 4, "qkv": 4, "o": 4, "loss": 1}`, empty when `spec.enabled` is false;
+        `skipped` gives a reason for every layer/path left unfused. The training loop calls [`lm_loss`] with
+        `fused=plan.fused_loss`. The plan is also stored as plain data in `model.lorafleet_kernel_report`
+        (`{"applied": {...}, "skipped": [{"layer": ..., "path": ..., "reason": ...}]}`).
 
     Example:
 
@@ -380,23 +348,23 @@ def apply_kernels(model: nn.Module, spec: Any) -> dict[str, int]:
     >>> cfg = family_config("llama", 64, {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
     ...                                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
     >>> peft_model = get_peft_model(AutoModelForCausalLM.from_config(cfg), LoraConfig(r=4, target_modules="all-linear"))
-    >>> apply_kernels(peft_model, KernelsSpec())
-    {'mlp': 2, 'qkv': 2, 'o': 2, 'loss': 1}
+    >>> plan = apply_kernels(peft_model, KernelsSpec())
+    >>> plan.applied, plan.fused_loss, plan.skipped
+    ({'mlp': 2, 'qkv': 2, 'o': 2, 'loss': 1}, True, ())
 
     ```
     """
     applied: dict[str, int] = {}
-    skipped: list[dict[str, str]] = []
+    skipped: list[SkippedKernel] = []
     if not spec.enabled:
-        _set_report(model, applied, skipped)
-        return applied
+        return _set_report(model, KernelPlan())
     for path in ("mlp", "qkv", "o"):
         if getattr(spec, path):
             applied[path] = 0
     prefix, layers = _decoder_layers(model)
     if not layers:
         for path in applied:
-            skipped.append({"layer": "model", "path": path, "reason": "no decoder layers found at `.model.layers`"})
+            skipped.append(SkippedKernel("model", path, "no decoder layers found at `.model.layers`"))
     for idx, layer in enumerate(layers):
         where = f"{prefix}.{idx}"
         mlp = getattr(layer, "mlp", None)
@@ -414,7 +382,7 @@ def apply_kernels(model: nn.Module, spec: Any) -> dict[str, int]:
                 else:
                     reason, adapter = _check_group(mlp, ("gate_proj", "up_proj", "down_proj"))
             if reason:
-                skipped.append({"layer": f"{where}.mlp", "path": "mlp", "reason": reason})
+                skipped.append(SkippedKernel(f"{where}.mlp", "mlp", reason))
             else:
                 _install(mlp, _mlp_forward, _lorafleet_adapter=adapter, _lorafleet_activation=act)
                 applied["mlp"] += 1
@@ -424,13 +392,12 @@ def apply_kernels(model: nn.Module, spec: Any) -> dict[str, int]:
                 reason = "decoder layer has no `self_attn`"
             elif type(attn).__name__ not in ATTENTION_LAYOUTS:
                 reason = f"unknown attention class {type(attn).__name__} (known: {', '.join(ATTENTION_LAYOUTS)})"
-            elif not all(hasattr(sys.modules[type(attn).__module__], f) for f in
-                         ("apply_rotary_pos_emb", "ALL_ATTENTION_FUNCTIONS", "eager_attention_forward")):
+            elif missing_attention_functions(attn):
                 reason = f"{type(attn).__module__} lacks the functions the fused attention forward calls"
             else:
                 reason, adapter = _check_group(attn, ("q_proj", "k_proj", "v_proj"))
             if reason:
-                skipped.append({"layer": f"{where}.self_attn", "path": "qkv", "reason": reason})
+                skipped.append(SkippedKernel(f"{where}.self_attn", "qkv", reason))
             else:
                 _install(attn, _attention_forward, _lorafleet_adapter=adapter,
                          _lorafleet_layout=ATTENTION_LAYOUTS[type(attn).__name__])
@@ -440,7 +407,7 @@ def apply_kernels(model: nn.Module, spec: Any) -> dict[str, int]:
             if reason is None:
                 reason, adapter = _check_group(attn, ("o_proj",))
             if reason:
-                skipped.append({"layer": f"{where}.self_attn.o_proj", "path": "o", "reason": reason})
+                skipped.append(SkippedKernel(f"{where}.self_attn.o_proj", "o", reason))
             else:
                 _install(attn.o_proj, _o_forward, _lorafleet_adapter=adapter)
                 applied["o"] += 1
@@ -448,15 +415,14 @@ def apply_kernels(model: nn.Module, spec: Any) -> dict[str, int]:
         reason = fused_loss_refusal(model)
         applied["loss"] = 0 if reason else 1
         if reason:
-            skipped.append({"layer": "lm_head", "path": "loss", "reason": reason})
-    _set_report(model, applied, skipped)
-    return dict(applied)
+            skipped.append(SkippedKernel("lm_head", "loss", reason))
+    return _set_report(model, KernelPlan(applied, tuple(skipped)))
 
 
-def _set_report(model: nn.Module, applied: dict[str, int], skipped: list[dict[str, str]]) -> None:
-    report = {"applied": dict(applied), "skipped": list(skipped)}
+def _set_report(model: nn.Module, plan: KernelPlan) -> KernelPlan:
     # Set on the object itself (PeftModel forwards unknown attribute reads to the base model, not writes).
-    object.__setattr__(model, "lorafleet_kernel_report", report)
+    object.__setattr__(model, "lorafleet_kernel_report", plan.report())
+    return plan
 
 
 def remove_kernels(model: nn.Module) -> int:

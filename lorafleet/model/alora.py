@@ -1,21 +1,8 @@
-"""Activated LoRA (aLoRA): the invocation, where it activates the adapter, and how training passes that to PEFT.
+"""Forwards of a PEFT aLoRA model with an explicit activation: per-row offsets, or a per-token mask for packed rows.
 
-An aLoRA adapter changes the model only on the tokens from the *last* occurrence of its invocation sequence onward;
-every token before it sees the frozen base model, so the base model's KV cache for a conversation stays valid when
-the adapter is invoked on it (see [`~lorafleet.generate.continue_with_adapter`]). PEFT implements the layers
-(`LoraConfig(alora_invocation_tokens=...)`); this module adds what a training tool needs around them:
-
-- [`resolve_invocation`]: the spec's `alora.invocation_string` / `invocation_tokens` as token ids, checked at submit
-  time (non-empty, in the vocabulary, framed by special tokens or a warning).
-- [`find_invocation`] and [`Invocation`]: where a sample's invocation starts, and its labels masked so that the loss
-  only counts the tokens after the invocation (the tokens before it cannot be changed by the adapter).
-- [`activation`]: runs a forward with an explicit activation, either PEFT's per-row `alora_offsets` or, for packed
-  rows holding several samples (each with its own invocation), a per-token activation mask.
-
-PEFT's convention, used throughout: `alora_offsets[i]` is the number of tokens from the start of row i's invocation
-to the end of the row, so the adapter is active on the last `alora_offsets[i]` positions. Counted from the end, it
-does not depend on left padding; with right padding the padded tail is counted too (padding is never attended to
-nor trained, so activating it changes nothing).
+[`activation`] is how the training loss passes each batch's activation to the adapter layers: lorafleet's fused loss
+calls the decoder directly, which bypasses the offsets `PeftModel.forward` would compute, and packed rows hold several
+samples, each activated from its own invocation, which one offset per row cannot express.
 """
 
 from __future__ import annotations
@@ -26,11 +13,13 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from lorafleet.compat.peft import alora_forward_hooks, alora_variant_class, is_alora_variant, lora_variants
+
 logger = logging.getLogger(__name__)
 
 
 def _masked_variant_class():
-    from peft.tuners.lora.variants import ALoraLinearVariant
+    ALoraLinearVariant = alora_variant_class()
 
     class MaskedALoraLinearVariant(ALoraLinearVariant):
         """PEFT's aLoRA variant, also accepting a per-token activation mask instead of per-row offsets.
@@ -75,17 +64,13 @@ def install_mask_variant(model: torch.nn.Module) -> int:
         `int`: Number of layer/adapter variants replaced now.
     """
     global _VARIANT_CLASS
-    from peft.tuners.lora.variants import ALoraLinearVariant
-
     if _VARIANT_CLASS is None:
         _VARIANT_CLASS = _masked_variant_class()
     count = 0
     for module in model.modules():
-        variants = getattr(module, "lora_variant", None)
-        if not isinstance(variants, dict):
-            continue
+        variants = lora_variants(module)
         for name, variant in list(variants.items()):
-            if isinstance(variant, ALoraLinearVariant) and not isinstance(variant, _VARIANT_CLASS):
+            if is_alora_variant(variant) and not isinstance(variant, _VARIANT_CLASS):
                 variants[name] = _VARIANT_CLASS()
                 count += 1
     return count
@@ -147,6 +132,6 @@ def activation(
             install_mask_variant(peft_model)
         else:
             alora = [int(o) if o > 0 else None for o in alora.tolist()]
-    with peft_model.base_model._enable_peft_forward_hooks(alora_offsets=alora):
+    with alora_forward_hooks(peft_model, alora):
         yield peft_model.get_base_model()
 

@@ -17,8 +17,10 @@ from typing import Any, Optional
 
 import torch
 
+from lorafleet.compat.accelerate import unwrap_without_deepspeed
+from lorafleet.compat.bitsandbytes import disable_cpu_repack
 from lorafleet.data.tokenizer import load_tokenizer
-from lorafleet.kernels import apply_kernels
+from lorafleet.kernels import KernelPlan, apply_kernels
 from lorafleet.model.device import torch_dtype
 from lorafleet.model.families import family_config
 from lorafleet.spec import JobSpec, ModelSpec, lorafleet_home
@@ -79,6 +81,7 @@ def materialize(model: ModelSpec, root: Optional[Path] = None) -> Path:
     ```
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
 
     if model.architecture is None:
@@ -103,8 +106,12 @@ def materialize(model: ModelSpec, root: Optional[Path] = None) -> Path:
         # Saved in float32: loading casts to whatever dtype a worker's device wants.
         built = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    # One shard of a small model, saved once: transformers' "Writing model shards" bar would only be console noise.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
-        built.save_pretrained(tmp)
+        with unwrap_without_deepspeed():
+            built.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
             os.rename(tmp, target)
@@ -114,6 +121,9 @@ def materialize(model: ModelSpec, root: Optional[Path] = None) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return target
 
 
@@ -167,16 +177,7 @@ def make_bnb_deterministic(model: torch.nn.Module) -> int:
     Returns:
         `int`: How many 4-bit layers were switched.
     """
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return 0
-    count = 0
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            count += 1
-    return count
+    return disable_cpu_repack(model)
 
 
 def load_base_model(spec: JobSpec, base: str, device: torch.device | str = "cpu"):
@@ -230,7 +231,9 @@ def add_lora(model, spec: JobSpec, invocation_tokens: Optional[list[int]] = None
     return peft_model
 
 
-def build_model(spec: JobSpec, base: str, device: torch.device | str = "cpu", invocation_tokens: Optional[list[int]] = None):
+def build_model(
+    spec: JobSpec, base: str, device: torch.device | str = "cpu", invocation_tokens: Optional[list[int]] = None
+) -> tuple[Any, KernelPlan]:
     """Load the base model, add LoRA and apply the fused kernels the spec asks for.
 
     Args:
@@ -244,22 +247,20 @@ def build_model(spec: JobSpec, base: str, device: torch.device | str = "cpu", in
             Build aLoRA adapters activated by this token sequence.
 
     Returns:
-        `tuple`: the PEFT model and a map of fused path -> number of layers it covers (empty when kernels are off).
+        `tuple`: the PEFT model and its [`~lorafleet.kernels.KernelPlan`] (what was fused, what was not and why;
+        nothing fused when kernels are off). Whatever depends on the fused paths (the loss, the `kernels` metric)
+        reads the plan, not the spec's flags: the model may refuse a path the spec asks for.
 
     Example:
 
     ```python
     >>> from lorafleet.spec import load_spec
     >>> spec = load_spec("jobs/llama.yaml", ["kernels.enabled=false"])
-    >>> model, kernels = build_model(spec, resolve_base_model(spec))
-    >>> kernels, model.peft_config["default"].r
-    ({}, 16)
+    >>> model, plan = build_model(spec, resolve_base_model(spec))
+    >>> plan.applied, plan.fused_loss, model.peft_config["default"].r
+    ({}, False, 16)
     ```
     """
     model = add_lora(load_base_model(spec, base, device), spec, invocation_tokens)
-    kernels: dict[str, int] = {}
-    if spec.kernels.enabled:
-
-        kernels = apply_kernels(model, spec.kernels)
-    return model, kernels
+    return model, apply_kernels(model, spec.kernels)
 

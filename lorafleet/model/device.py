@@ -1,8 +1,4 @@
-"""Model building: materialize a small base model, load it (4-bit) through `from_pretrained`, add PEFT LoRA.
-
-Everything a worker needs to turn a [`~lorafleet.spec.JobSpec`] into a trainable module lives here; the driver only
-calls [`resolve_base_model`] so that the adapter's `base_model_name_or_path` points at a directory anyone can load.
-"""
+"""Device and dtype policy: which dtype `auto` means on this device, decided here once."""
 
 from __future__ import annotations
 

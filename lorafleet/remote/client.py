@@ -28,9 +28,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from lorafleet.compat.ray import train_env
 from lorafleet.runstore.checkpoint import ADAPTER_FILES, INFO_FILE
-from lorafleet.runstore.storage import filesystem_for, split_uri
-from lorafleet.train.driver import train_env
+from lorafleet.runstore.location import fetch_files
 
 STEP_MARK = "LORAFLEET_STEP "
 
@@ -451,35 +451,19 @@ def pull_adapter(job_id: str, dest: str | Path, address: Optional[str] = None) -
 
 
 def copy_adapter(uri: str, dest: Path, endpoint: Optional[str] = None) -> list[str]:
-    """Copy the adapter files (and `lorafleet.json`) of a checkpoint at `uri` into `dest`; return their names."""
-
-    scheme, path = split_uri(uri)
-    dest.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for name in (*ADAPTER_FILES, INFO_FILE):
-        try:
-            if scheme == "":
-                source = Path(path) / name
-                if not source.exists():
-                    if not Path(path).exists():
-                        raise RemoteError(
-                            f"adapter {uri} is not reachable from this machine (local disk of the cluster); "
-                            "store runs on s3:// or gs:// (checkpoint.storage) to pull them from elsewhere"
-                        )
-                    raise FileNotFoundError(source)
-                shutil.copy2(source, dest / name)
-            else:
-                filesystem = filesystem_for(scheme, endpoint)
-                with filesystem.open_input_stream(f"{path}/{name}") as stream:
-                    (dest / name).write_bytes(stream.read())
-        except FileNotFoundError:
-            if name == INFO_FILE:
-                continue  # informational only
-            raise RemoteError(f"adapter {uri} has no {name}") from None
-        except OSError as exc:
-            raise RemoteError(f"cannot read {uri}/{name}: {_first_line(exc)}") from None
-        copied.append(name)
-    return copied
+    """Copy the adapter files (and `lorafleet.json`, informational, if there) of a checkpoint at `uri` into `dest`;
+    return their names."""
+    try:
+        return fetch_files(uri, (*ADAPTER_FILES, INFO_FILE), dest, endpoint=endpoint, optional=(INFO_FILE,))
+    except FileNotFoundError as exc:
+        if exc.filename == uri:
+            raise RemoteError(
+                f"adapter {uri} is not reachable from this machine (local disk of the cluster); "
+                "store runs on s3:// or gs:// (checkpoint.storage) to pull them from elsewhere"
+            ) from None
+        raise RemoteError(f"adapter {uri} has no {exc.filename.rsplit('/', 1)[-1]}") from None
+    except OSError as exc:
+        raise RemoteError(f"cannot read {uri}: {_first_line(exc)}") from None
 
 
 def verify_adapter(directory: str | Path) -> int:

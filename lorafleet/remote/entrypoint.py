@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lorafleet.remote.client import STEP_MARK, SUMMARY_MARK
-from lorafleet.runstore.monitoring import run_artifacts
+from lorafleet.runstore.location import RunLocation
 from lorafleet.spec import SpecError, load_spec
 from lorafleet.train.driver import run_job
 
@@ -43,7 +43,7 @@ def run_shipped_spec(spec_json: str) -> int:
         return 2
     out: dict[str, Any] = summary.to_dict()
     out["job_id"] = os.environ.get("LORAFLEET_JOB_ID")
-    artifacts = run_artifacts(spec.storage_uri, spec.name)
+    artifacts = RunLocation.of(spec).artifacts()
     out["metrics_uri"], out["plot_uri"] = artifacts["metrics"], artifacts["plot"]
     if spec.checkpoint.endpoint:
         out["storage_endpoint"] = spec.checkpoint.endpoint  # `pull` reads the adapter through the same endpoint

@@ -1,1 +1,2 @@
-"""Where a run lives: storage URIs and filesystems (`storage`), checkpoint files (`checkpoint`), metrics and plots next to them (`monitoring`)."""
+"""Where a run lives: its folder, storage URIs and filesystems (`location`), checkpoint files (`checkpoint`), their
+upload from the workers (`storage`), metrics and plots next to them (`monitoring`)."""

@@ -217,8 +217,8 @@ def load_training_state(directory: str | Path, rank: int) -> dict[str, Any]:
         shard = directory / _optimizer_file(rank)
         if not shard.is_file():
             raise RuntimeError(
-                f"checkpoint at step {state['step']} was written by {info.get('world_size')} workers with a partitioned "
-                "optimizer; resume it with the same scaling.num_workers"
+                f"checkpoint at step {state['step']} was written by {info.get('world_size')} workers with a "
+                "partitioned optimizer; resume it with the same scaling.num_workers"
             )
         state["optimizer_shard"] = torch.load(shard, map_location="cpu", weights_only=False)
     return state
@@ -255,7 +255,8 @@ def is_complete(directory: str | Path) -> bool:
 
     ```python
     >>> import tempfile
-    >>> is_complete(save_checkpoint(tempfile.mkdtemp(), rank=1, step=3, adapter_state=None, optimizer_shard={"state": {}}))
+    >>> shard_only = save_checkpoint(tempfile.mkdtemp(), rank=1, step=3, adapter_state=None, optimizer_shard={})
+    >>> is_complete(shard_only)
     False
     ```
     """

@@ -6,7 +6,8 @@ Two audiences, two paths:
   so Ray's Prometheus endpoint, the dashboard's Metrics view and Grafana show loss, learning rate, tokens/s and
   memory while the run is going;
 - after the run: [`write_run_artifacts`] (called by the driver with the steps it collected) writes `metrics.jsonl`
-  and `loss.png` next to the run's checkpoints, on local disk or an object store, and [`run_artifacts`] says where.
+  and `loss.png` next to the run's checkpoints, on local disk or an object store, and
+  [`~lorafleet.runstore.location.RunLocation.artifacts`] says where.
 """
 
 from __future__ import annotations
@@ -16,15 +17,9 @@ import json
 import logging
 from typing import Any, Optional
 
-from lorafleet.runstore.storage import resolve_storage, split_uri
+from lorafleet.runstore.location import METRICS_FILE, PLOT_FILE, RunLocation
 
 logger = logging.getLogger(__name__)
-
-
-METRICS_FILE = "metrics.jsonl"
-
-
-PLOT_FILE = "loss.png"
 
 
 # name -> (metrics key, description, scale). Memory is exported in bytes, the Prometheus convention.
@@ -58,7 +53,8 @@ def export_step(metrics: dict[str, Any], job: str, rank: int = 0) -> None:
     Example:
 
     ```python
-    >>> export_step({"step": 1, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 900.0, "peak_rss_mb": 812.0}, job="demo", rank=1)
+    >>> metrics = {"step": 1, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 900.0, "peak_rss_mb": 812.0}
+    >>> export_step(metrics, job="demo", rank=1)
     ```
     """
     if rank != 0:
@@ -79,65 +75,17 @@ def export_step(metrics: dict[str, Any], job: str, rank: int = 0) -> None:
             _gauges["_warned"] = True
 
 
-def run_folder(storage_uri: str, job: str, endpoint: Optional[str] = None) -> tuple[str, Any]:
-    """The run's folder in storage (where Ray Train puts its checkpoints) as `(path, pyarrow filesystem or None)`."""
-
-    path, filesystem = resolve_storage(storage_uri, endpoint=endpoint)
-    return f"{path.rstrip('/')}/{job}", filesystem
-
-
-def run_artifacts(storage_uri: str, job: str) -> dict[str, str]:
-    """Where a run's `metrics.jsonl` and `loss.png` are, as URIs (what `lorafleet report` prints).
-
-    Args:
-        storage_uri (`str`):
-            The job's storage (`spec.storage_uri`): a local path, `s3://...` or `gs://...`.
-        job (`str`):
-            The job name (the run's folder).
-
-    Returns:
-        `dict`: `run_dir`, `metrics` and `plot` URIs.
+def read_metrics(location: RunLocation) -> list[dict[str, Any]]:
+    """The step records of a run's `metrics.jsonl` (empty if the run wrote none).
 
     Example:
 
     ```python
-    >>> run_artifacts("s3://bucket/runs", "demo")["metrics"]
-    's3://bucket/runs/demo/metrics.jsonl'
+    >>> read_metrics(RunLocation("/tmp/lorafleet-doc-runs", "never-ran"))
+    []
     ```
     """
-
-    scheme, path = split_uri(storage_uri)
-    run_dir = f"{scheme}://{path}/{job}" if scheme else f"{path}/{job}"
-    return {"run_dir": run_dir, "metrics": f"{run_dir}/{METRICS_FILE}", "plot": f"{run_dir}/{PLOT_FILE}"}
-
-
-def _write(filesystem: Any, path: str, data: bytes) -> None:
-    if filesystem is None:
-        from pathlib import Path
-
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_bytes(data)
-        return
-    with filesystem.open_output_stream(path) as out:
-        out.write(data)
-
-
-def _read(filesystem: Any, path: str) -> Optional[bytes]:
-    try:
-        if filesystem is None:
-            from pathlib import Path
-
-            return Path(path).read_bytes()
-        with filesystem.open_input_stream(path) as stream:
-            return stream.read()
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def read_metrics(storage_uri: str, job: str, endpoint: Optional[str] = None) -> list[dict[str, Any]]:
-    """The step records of a run's `metrics.jsonl` (empty if the run wrote none)."""
-    folder, filesystem = run_folder(storage_uri, job, endpoint)
-    data = _read(filesystem, f"{folder}/{METRICS_FILE}")
+    data = location.read(METRICS_FILE)
     if not data:
         return []
     return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
@@ -177,7 +125,7 @@ def loss_plot(history: list[dict[str, Any]], title: str) -> bytes:
     return buffer.getvalue()
 
 
-def write_run_artifacts(spec: Any, history: list[dict[str, Any]]) -> Optional[dict[str, str]]:
+def write_run_artifacts(location: RunLocation, history: list[dict[str, Any]]) -> Optional[dict[str, str]]:
     """Write `metrics.jsonl` and `loss.png` into the run's storage folder, next to its checkpoints.
 
     A resumed run keeps the earlier run's records up to where it resumed, so the file and the curve cover the whole
@@ -185,36 +133,35 @@ def write_run_artifacts(spec: Any, history: list[dict[str, Any]]) -> Optional[di
     written (the problem is logged instead).
 
     Args:
-        spec ([`~lorafleet.spec.JobSpec`]):
-            The job's spec (storage, endpoint and name).
+        location ([`~lorafleet.runstore.location.RunLocation`]):
+            The run's location (`RunLocation.of(spec)`); its name is the plot's title.
         history (`list[dict]`):
             The per-step metrics the driver collected, in order.
 
     Returns:
-        `dict` or `None`: The URIs ([`run_artifacts`]), or `None` if nothing was written.
+        `dict` or `None`: The URIs ([`~lorafleet.runstore.location.RunLocation.artifacts`]), or `None` if nothing
+        was written.
 
     Example:
 
     ```python
     >>> from lorafleet.spec import load_spec
     >>> spec = load_spec("jobs/llama.yaml", ["checkpoint.storage=/tmp/lorafleet-doc-runs"])
-    >>> write_run_artifacts(spec, [{"step": 1, "loss": 3.0, "lr": 1e-3}])["metrics"]
+    >>> write_run_artifacts(RunLocation.of(spec), [{"step": 1, "loss": 3.0, "lr": 1e-3}])["metrics"]
     '/tmp/lorafleet-doc-runs/llama-tasks/metrics.jsonl'
     ```
     """
     if not history:
         return None
     try:
-        folder, filesystem = run_folder(spec.storage_uri, spec.name, spec.checkpoint.endpoint)
         start = int(history[0].get("start_step", 0) or 0)
         earlier: list[dict[str, Any]] = []
         if start > 0:
-            earlier = [r for r in read_metrics(spec.storage_uri, spec.name, spec.checkpoint.endpoint) if r["step"] <= start]
+            earlier = [r for r in read_metrics(location) if r["step"] <= start]
         records = earlier + [{k: v for k, v in h.items() if k != "kernels"} for h in history]
-        _write(filesystem, f"{folder}/{METRICS_FILE}", "".join(json.dumps(r) + "\n" for r in records).encode())
-        _write(filesystem, f"{folder}/{PLOT_FILE}", loss_plot(records, spec.name))
-        return run_artifacts(spec.storage_uri, spec.name)
+        location.write(METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
+        location.write(PLOT_FILE, loss_plot(records, location.name))
+        return location.artifacts()
     except Exception as exc:  # noqa: BLE001 - see docstring
-        logger.warning("lorafleet: could not write metrics/plot for %s: %s", spec.name, exc)
+        logger.warning("lorafleet: could not write metrics/plot for %s: %s", location.name, exc)
         return None
-

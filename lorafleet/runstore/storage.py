@@ -1,8 +1,9 @@
-"""Run storage: turn `checkpoint.storage` into what Ray Train's `RunConfig` takes, and back into a URI for people.
+"""Checkpoint uploads: a worker's checkpoint files copied to the run's storage, retried until they are all there.
 
-Object stores go through pyarrow filesystems (what Ray Train itself uses). Endpoint and credentials come from the
-standard environment variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...) or `checkpoint.endpoint`; they are
-never part of a path, so they never reach logs, summaries or checkpoints.
+Where the run's folder is and which filesystem it is on is decided by [`~lorafleet.runstore.location.RunLocation`]
+(Ray Train's `RunConfig` gets it from there); [`upload_checkpoint`] runs in the workers, on the storage context Ray
+Train built from that. Errors are logged by type and first line: object-store errors name the bucket and key, never
+the credentials.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
-from urllib.parse import urlparse
+
+from lorafleet.compat.ray import checkpoint_fs_path, current_storage, persist_checkpoint, storage_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -20,131 +21,6 @@ logger = logging.getLogger(__name__)
 # How long a worker keeps retrying one checkpoint upload before the run fails (and Ray Train's
 # `scaling.max_failures` takes over). Long enough to ride out an object-store blip or a restart.
 UPLOAD_RETRY_S = float(os.environ.get("LORAFLEET_UPLOAD_RETRY_S", "300"))
-
-
-def split_uri(uri: str) -> tuple[str, str]:
-    """Split a storage URI into (scheme, path): `("s3", "bucket/prefix")`, `("", "/abs/path")` for local paths."""
-    if "://" not in uri:
-        return "", str(Path(uri).expanduser().resolve())
-    parsed = urlparse(uri)
-    scheme = parsed.scheme.lower()
-    if scheme == "file":
-        return "", str(Path(parsed.path).resolve())
-    return scheme, f"{parsed.netloc}{parsed.path}".rstrip("/")
-
-
-def resolve_storage(uri: str, endpoint: Optional[str] = None) -> tuple[str, Any]:
-    """The `(storage_path, storage_filesystem)` pair for Ray Train's `RunConfig`.
-
-    Args:
-        uri (`str`):
-            A local path, `file://`, `s3://bucket/prefix` or `gs://bucket/prefix`.
-        endpoint (`str`, *optional*):
-            Endpoint override for S3-compatible servers (defaults to `AWS_ENDPOINT_URL` if set) or a GCS emulator
-            (defaults to `STORAGE_EMULATOR_HOST` if set; an `http://` endpoint is used without credentials).
-
-    Returns:
-        `tuple`: A path and a pyarrow filesystem (`None` for local storage, which Ray handles itself).
-
-    Example:
-
-    ```python
-    >>> path, fs = resolve_storage("/tmp/runs")
-    >>> path, fs
-    ('/tmp/runs', None)
-    ```
-    """
-    scheme, path = split_uri(uri)
-    if scheme == "":
-        Path(path).mkdir(parents=True, exist_ok=True)
-        return path, None
-    return path, filesystem_for(scheme, endpoint)
-
-
-def filesystem_for(scheme: str, endpoint: Optional[str] = None):
-    """A pyarrow filesystem for `s3` or `gs`, configured from the environment (and `endpoint`)."""
-    from pyarrow import fs
-
-    if scheme == "s3":
-        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs: dict[str, Any] = {}
-        if endpoint:
-            parsed = urlparse(endpoint)
-            kwargs["endpoint_override"] = parsed.netloc
-            kwargs["scheme"] = parsed.scheme or "https"
-        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-        if region:
-            kwargs["region"] = region
-        # Delayed open lets a file smaller than a multipart part go up in one PUT instead of three requests
-        # (create, part, complete); an error then shows when the file is closed, which every writer here waits for.
-        return fs.S3FileSystem(allow_delayed_open=True, **kwargs)
-    if scheme == "gs":
-        kwargs = {}
-        # `STORAGE_EMULATOR_HOST` is how the Google clients (google-cloud-storage, gcsfs) are pointed at an emulator;
-        # pyarrow's GCS client ignores it, so it is read here, with gcsfs's default of http when it has no scheme.
-        emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
-        if not endpoint and emulator:
-            endpoint = emulator if "://" in emulator else f"http://{emulator}"
-        if endpoint:
-            parsed = urlparse(endpoint)
-            kwargs["endpoint_override"] = parsed.netloc
-            kwargs["scheme"] = parsed.scheme or "https"
-            # Google only serves GCS over https, so plain http is an emulator. It takes no credentials, and pyarrow's
-            # default ones would first look for a token on Google's metadata server (minutes of retries off GCP).
-            kwargs["anonymous"] = kwargs["scheme"] == "http"
-        return fs.GcsFileSystem(**kwargs)
-    raise ValueError(f"unsupported storage scheme {scheme!r}")
-
-
-def run_location(uri: str, name: str, endpoint: Optional[str] = None) -> tuple[str, Any]:
-    """The `(path, filesystem)` of one run's folder (`<storage>/<name>`); the filesystem is local for local storage."""
-    from pyarrow import fs
-
-    path, filesystem = resolve_storage(uri, endpoint)
-    return f"{path.rstrip('/')}/{name}", filesystem or fs.LocalFileSystem()
-
-
-def delete_run(uri: str, name: str, endpoint: Optional[str] = None) -> bool:
-    """Delete everything stored for run `name` (checkpoints and Ray Train's run snapshot), to start it over.
-
-    Args:
-        uri (`str`):
-            `checkpoint.storage` (local path, `file://`, `s3://` or `gs://`).
-        name (`str`):
-            The job name (the run's folder).
-        endpoint (`str`, *optional*):
-            `checkpoint.endpoint`.
-
-    Returns:
-        `bool`: Whether there was anything to delete.
-
-    Example:
-
-    ```python
-    >>> delete_run("/tmp/lorafleet-doc-runs", "never-ran")
-    False
-    ```
-    """
-    from pyarrow import fs
-
-    path, filesystem = run_location(uri, name, endpoint)
-    if filesystem.get_file_info(path).type == fs.FileType.NotFound:
-        return False
-    filesystem.delete_dir(path)
-    return True
-
-
-def list_checkpoint_dirs(filesystem, run_path: str) -> list[str]:
-    """Paths of the `checkpoint_*` folders directly under a run folder, in name (= creation time) order."""
-    from pyarrow import fs
-
-    try:
-        infos = filesystem.get_file_info(fs.FileSelector(run_path, allow_not_found=True))
-    except OSError:
-        return []
-    return sorted(
-        info.path for info in infos if info.type == fs.FileType.Directory and info.base_name.startswith("checkpoint_")
-    )
 
 
 def _persist(checkpoint, checkpoint_dir_name: str, storage):
@@ -158,10 +34,10 @@ def _persist(checkpoint, checkpoint_dir_name: str, storage):
     import ray.train
     from pyarrow import fs
 
-    filesystem = storage.storage_filesystem
+    filesystem = storage_filesystem(storage)
     if filesystem.type_name not in ("s3", "gcs"):
-        return storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
-    destination = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+        return persist_checkpoint(storage, checkpoint, checkpoint_dir_name)
+    destination = checkpoint_fs_path(storage, checkpoint_dir_name)
     if filesystem.type_name == "gcs":
         # pyarrow's GCS filesystem sees a folder only through its `folder/` marker object: without one the folder
         # is missing from non-recursive listings (`list_checkpoint_dirs`) and `delete_dir` fails with NOT_FOUND
@@ -219,15 +95,13 @@ def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
     ...                  checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
     ```
     """
-    import ray.train
-
-    storage = ray.train.get_context().get_storage()
+    storage = current_storage()
     started, delay, attempt = time.monotonic(), 1.0, 0
     while True:
         attempt += 1
         try:
             persisted = _persist(checkpoint, checkpoint_dir_name, storage)
-            _verify_upload(checkpoint.path, storage.storage_filesystem, persisted.path)
+            _verify_upload(checkpoint.path, storage_filesystem(storage), persisted.path)
             if attempt > 1:
                 logger.warning("lorafleet: checkpoint %s uploaded after %d attempts", checkpoint_dir_name, attempt)
             return persisted
@@ -241,10 +115,4 @@ def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
             )
             time.sleep(delay)
             delay = min(delay * 2, 15.0)
-
-
-def display_uri(storage_uri: str, path: str) -> str:
-    """Turn a path Ray Train reports (no scheme when a filesystem object is used) back into a URI."""
-    scheme, _ = split_uri(storage_uri)
-    return f"{scheme}://{path}" if scheme else path
 

@@ -1,11 +1,6 @@
-"""The job spec: one validated object that the driver hands to every worker.
+"""The Markdown reference of every spec field (`lorafleet spec-doc`, the tables in `jobs/README.md`).
 
-A spec is a YAML file with fixed top-level sections (`name`, `model`, `quantization`, `lora`, `alora`, `data`,
-`training`, `scaling`, `checkpoint`, `kernels`). Each field's `description` below is its documentation; `jobs/README.md`
-is generated from the same text by `lorafleet spec-doc`.
-
-Every problem with a spec is a [`SpecError`] whose message is one line naming the field, so the CLI can print it and
-exit with code 2 before anything starts.
+Generated from the field descriptions in `lorafleet.spec.schema`, so the documentation cannot drift from the schema.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ A spec is a YAML file with fixed top-level sections (`name`, `model`, `quantizat
 `training`, `scaling`, `checkpoint`, `kernels`). Each field's `description` below is its documentation; `jobs/README.md`
 is generated from the same text by `lorafleet spec-doc`.
 
-Every problem with a spec is a [`SpecError`] whose message is one line naming the field, so the CLI can print it and
-exit with code 2 before anything starts.
+Every problem with a spec is reported at once by one [`SpecError`]: one line per problem, each naming its field, in
+the order the fields appear in the file (then `--set` overrides, in the order given), so the CLI can print them all
+and exit with code 2 before anything starts.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from types import UnionType
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3")
+from lorafleet.families import FAMILY_NAMES
 
 
 STORAGE_SCHEMES = ("s3", "gs", "file")
@@ -52,7 +54,31 @@ StorageDtype = Literal["bfloat16", "float32", "float16"]
 
 
 class SpecError(ValueError):
-    """A spec problem, worded as one line that names the field (`field: what is wrong`)."""
+    """One or more spec problems, each worded as one line that names the field (`field: what is wrong`).
+
+    Args:
+        *problems (`str`):
+            The problems, one line each; `str(error)` is them joined by newlines.
+
+    Example:
+
+    ```python
+    >>> err = SpecError("lora.r: Input should be greater than 0 (got -1)", "training.bogus: unknown field")
+    >>> err.problems[1]
+    'training.bogus: unknown field'
+    >>> print(err)
+    lora.r: Input should be greater than 0 (got -1)
+    training.bogus: unknown field
+    ```
+    """
+
+    def __init__(self, *problems: str):
+        # Every problem stays in `args`, so the error survives pickling (Ray ships errors between processes).
+        super().__init__(*problems)
+        self.problems = list(problems)
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
 
 
 def lorafleet_home() -> Path:
@@ -76,10 +102,11 @@ class ModelSpec(_Section):
         None,
         description="A local model directory (with config.json) or a Hugging Face hub id. Exclusive with `architecture`.",
     )
-    architecture: Optional[Literal[FAMILIES]] = Field(  # type: ignore[valid-type]
+    architecture: Optional[Literal[FAMILY_NAMES]] = Field(  # type: ignore[valid-type]
         None,
         description="Build a small model of this family from a config instead of loading one: "
-        "llama, mistral, qwen2, gemma, gemma2 or gemma3. It is materialized once (cached) with lorafleet's tokenizer.",
+        f"{', '.join(FAMILY_NAMES[:-1])} or {FAMILY_NAMES[-1]}. "
+        "It is materialized once (cached) with lorafleet's tokenizer.",
     )
     config: dict[str, Any] = Field(
         default_factory=dict,
@@ -303,18 +330,81 @@ class JobSpec(_Section):
         return self.training.micro_batch_size * self.training.grad_accum * self.scaling.num_workers
 
 
-def _format_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    kind, msg = first["type"], first["msg"]
+Loc = tuple[Union[str, int], ...]
+
+
+def _format_error(error: dict[str, Any]) -> str:
+    """One pydantic error (an item of `ValidationError.errors()`) as `field: what is wrong`."""
+    loc = ".".join(str(p) for p in error["loc"])
+    kind, msg = error["type"], error["msg"]
     if kind == "extra_forbidden":
         return f"{loc}: unknown field"
     if kind == "missing":
         return f"{loc}: required field is missing"
     msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
-    if kind not in ("value_error", "assertion_error") and "input" in first and not isinstance(first["input"], dict):
-        msg = f"{msg} (got {first['input']!r})"
+    if kind not in ("value_error", "assertion_error") and "input" in error and not isinstance(error["input"], dict):
+        msg = f"{msg} (got {error['input']!r})"
     return f"{loc}: {msg}" if loc else msg
+
+
+def _members(annotation: Any) -> list[Any]:
+    if get_origin(annotation) in (Union, UnionType):
+        return [a for a in get_args(annotation) if a is not type(None)]
+    return [annotation]
+
+
+def _union_field(loc: Loc) -> Optional[Loc]:
+    """The start of `loc` that names a field typed as a union of several kinds, if the error lies inside one."""
+    model: type[BaseModel] = JobSpec
+    for i, part in enumerate(loc):
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        members = _members(field.annotation)
+        if len(members) > 1:
+            return loc[: i + 1]
+        section = members[0]
+        if get_origin(section) is not None or not (isinstance(section, type) and issubclass(section, BaseModel)):
+            return None
+        model = section
+    return None
+
+
+def _distinct(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One error per problem: pydantic reports a bad union value once per member (`lora.target_modules.list[str]`,
+    `lora.target_modules.literal['all-linear']`), which is one problem; the first is kept."""
+    seen: set[Loc] = set()
+    kept = []
+    for error in errors:
+        key = _union_field(error["loc"]) or error["loc"]
+        if key not in seen:
+            seen.add(key)
+            kept.append(error)
+    return kept
+
+
+def _positions(tree: Any, prefix: Loc = (), out: Optional[dict[Loc, int]] = None) -> dict[Loc, int]:
+    """Every key path of `tree` numbered in the order it appears (depth first). YAML mappings load in file order,
+    so for a spec file this is the order of its lines."""
+    out = {} if out is None else out
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        out[prefix + (key,)] = len(out)
+        _positions(value, prefix + (key,), out)
+    return out
+
+
+def _rank(loc: Loc, positions: dict[Loc, int], overrides: list[Optional[list[str]]]) -> tuple[int, int]:
+    """Where a problem at `loc` is listed: `(0, place in the file)`, or `(1, override index)` when a `--set`
+    override set that field, a field inside it, or a section around it."""
+    parts = [str(p) for p in loc]
+    for index, keys in enumerate(overrides):
+        if parts and keys is not None and (parts[: len(keys)] == keys or keys[: len(parts)] == parts):
+            return (1, index)
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in positions:
+            return (0, positions[loc[:end]])
+    return (0, len(positions))
 
 
 def _looks_local(value: str) -> bool:
@@ -340,24 +430,43 @@ def _resolve_paths(raw: dict, base: Path) -> None:
             ckpt["storage"] = str((base / Path(value).expanduser()).resolve())
 
 
-def _check_files(spec: JobSpec) -> None:
-    data = Path(spec.data.path)
-    if not data.exists():
-        raise SpecError(f"data.path: no such file or directory: {data}")
-    if data.is_file() and data.suffix not in (".jsonl", ".json", ".parquet"):
-        raise SpecError(f"data.path: unsupported file type '{data.suffix}' (use .jsonl, .json, .parquet or a saved dataset dir)")
-    if data.is_dir() and not any((data / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-        raise SpecError(f"data.path: {data} is not a directory saved by datasets' save_to_disk")
-    name = spec.model.name_or_path
+def _file_problems(raw: dict, invalid: list[Loc]) -> list[tuple[Loc, str]]:
+    """Problems with the data and model paths `raw` names, each checked only when it (and every section around it)
+    has no other problem, so a field is never reported twice. `invalid` holds the locations of the other problems."""
+
+    def valid_str(*loc: str) -> Optional[str]:
+        if any(loc[: len(bad)] == bad for bad in invalid):
+            return None
+        node: Any = raw
+        for key in loc:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node if isinstance(node, str) else None
+
+    problems: list[tuple[Loc, str]] = []
+    where = ("data", "path")
+    value = valid_str(*where)
+    if value is not None:
+        data = Path(value)
+        saved = ("dataset_info.json", "state.json", "dataset_dict.json")
+        if not data.exists():
+            problems.append((where, f"data.path: no such file or directory: {data}"))
+        elif data.is_file() and data.suffix not in (".jsonl", ".json", ".parquet"):
+            problems.append((where, f"data.path: unsupported file type '{data.suffix}' "
+                                    "(use .jsonl, .json, .parquet or a saved dataset dir)"))
+        elif data.is_dir() and not any((data / name).exists() for name in saved):
+            problems.append((where, f"data.path: {data} is not a directory saved by datasets' save_to_disk"))
+    where = ("model", "name_or_path")
+    name = valid_str(*where)
     if name is not None:
         path = Path(name)
         if path.is_absolute():
             if not path.is_dir():
-                raise SpecError(f"model.name_or_path: no such model directory: {path}")
-            if not (path / "config.json").exists():
-                raise SpecError(f"model.name_or_path: {path} has no config.json")
+                problems.append((where, f"model.name_or_path: no such model directory: {path}"))
+            elif not (path / "config.json").exists():
+                problems.append((where, f"model.name_or_path: {path} has no config.json"))
         elif not _HUB_ID_RE.match(name):
-            raise SpecError(f"model.name_or_path: '{name}' is neither a local directory nor a hub id")
+            problems.append((where, f"model.name_or_path: '{name}' is neither a local directory nor a hub id"))
+    return problems
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -416,7 +525,8 @@ def load_spec(path: Union[str, Path, None] = None, overrides: tuple[str, ...] | 
         [`JobSpec`]: The validated spec.
 
     Raises:
-        [`SpecError`]: With a one-line message naming the field.
+        [`SpecError`]: With every problem of the spec, one line each naming its field, in file order (problems of
+            `overrides` last, in their order).
 
     Example:
 
@@ -445,18 +555,32 @@ def load_spec(path: Union[str, Path, None] = None, overrides: tuple[str, ...] | 
     else:
         raw = copy.deepcopy(raw)
         base = Path.cwd()
+    positions = _positions(raw)
     _resolve_paths(raw, base)
-    for item in overrides:
-        keys, value = parse_override(item)
-        single: dict = {}
-        _apply_override(single, keys, value)
-        _resolve_paths(single, Path.cwd())
-        _apply_override(raw, keys, _get(single, keys))
+    problems: list[tuple[tuple[int, int], str]] = []
+    applied: list[Optional[list[str]]] = []
+    for index, item in enumerate(overrides):
+        try:
+            keys, value = parse_override(item)
+            single: dict = {}
+            _apply_override(single, keys, value)
+            _resolve_paths(single, Path.cwd())
+            _apply_override(raw, keys, _get(single, keys))
+        except SpecError as exc:
+            problems += [((1, index), problem) for problem in exc.problems]
+            applied.append(None)
+        else:
+            applied.append(keys)
     try:
         spec = JobSpec.model_validate(raw)
+        located: list[tuple[Loc, str]] = []
     except ValidationError as err:
-        raise SpecError(_format_error(err)) from None
-    _check_files(spec)
+        located = [(error["loc"], _format_error(error)) for error in _distinct(err.errors())]
+    located += _file_problems(raw, [loc for loc, _ in located])
+    problems += [(_rank(loc, positions, applied), message) for loc, message in located]
+    if problems:
+        problems.sort(key=lambda problem: problem[0])
+        raise SpecError(*(message for _, message in problems))
     return spec
 
 

@@ -11,40 +11,27 @@ import os
 import queue as _queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from lorafleet.data.alora import Invocation
-from lorafleet.data.encode import prepare_samples
+from lorafleet.compat.ray import train_env
 from lorafleet.model.build import load_tokenizer_for, resolve_base_model
+from lorafleet.runstore.location import RunLocation
 from lorafleet.runstore.monitoring import write_run_artifacts
-from lorafleet.runstore.storage import (
-    UPLOAD_RETRY_S,
-    delete_run,
-    display_uri,
-    list_checkpoint_dirs,
-    resolve_storage,
-    run_location,
-)
+from lorafleet.runstore.storage import UPLOAD_RETRY_S
 from lorafleet.spec import JobSpec, SpecError
-from lorafleet.train.worker import train_loop_per_worker
+from lorafleet.train.worker import (
+    StepHook,
+    TrainingData,
+    WorkerInputs,
+    train_loop_per_worker,
+)
 
 logger = logging.getLogger(__name__)
 
 
 ProgressFn = Callable[[dict[str, Any]], None]
-
-
-# Ray Train's controller takes at most one report from each worker each time it polls them, every
-# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), so checkpoints that come faster register later and later. On
-# the default job with a checkpoint every 5 steps (0.75 s), the last one became "latest" 35 s after training ended;
-# with polls every 0.5 s, 1.8 s after, and the steps were no slower. A value set in the environment wins.
-TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-
-
-def train_env() -> dict[str, str]:
-    """The Ray Train settings lorafleet's runs use (see `TRAIN_ENV`), with values from the environment taking precedence."""
-    return {key: os.environ.get(key, value) for key, value in TRAIN_ENV.items()}
 
 
 @dataclass
@@ -75,22 +62,23 @@ class RunSummary:
 
 @dataclass
 class Prepared:
-    """The outcome of the pre-flight checks: where the base model is and how many samples the data gives."""
+    """The outcome of the pre-flight checks: where the base model is and the tokenized data the workers train on."""
 
     spec: JobSpec
     base: str
-    num_samples: int
+    data: TrainingData
 
 
 def prepare(spec: JobSpec) -> Prepared:
-    """Materialize the base model and tokenize the data once on the driver, so data errors surface before Ray.
+    """Materialize the base model and tokenize the data once, on the driver: data errors surface before Ray starts,
+    and the workers train on these samples rather than tokenizing again.
 
     Args:
         spec ([`~lorafleet.spec.JobSpec`]):
             The validated spec.
 
     Returns:
-        [`Prepared`]: the base model location and the number of training samples.
+        [`Prepared`]: the base model location and the [`~lorafleet.train.worker.TrainingData`].
 
     Raises:
         [`~lorafleet.spec.SpecError`]: For data that cannot be trained on (bad records, nothing to train).
@@ -104,11 +92,7 @@ def prepare(spec: JobSpec) -> Prepared:
 
     # aLoRA: the invocation must tokenize to something, and every sample must contain it (or be dropped on request);
     # checked here so a bad invocation or bad data fails at submit time, never as a sample silently trained as base.
-    invocation = Invocation.from_spec(spec, tokenizer, warn=True)
-    samples = prepare_samples(spec.data, tokenizer, invocation=invocation)
-    if not samples:
-        raise SpecError(f"data.path: no sample has a token to train on after tokenization (max_length={spec.data.max_length})")
-    return Prepared(spec=spec, base=base, num_samples=len(samples))
+    return Prepared(spec=spec, base=base, data=TrainingData.from_spec(spec, tokenizer, warn=True))
 
 
 def start_ray(address: Optional[str] = None, verbose: bool = False) -> None:
@@ -130,14 +114,8 @@ def start_ray(address: Optional[str] = None, verbose: bool = False) -> None:
     ray.init(address=address, **{k: v for k, v in kwargs.items() if v is not None})
 
 
-def storage_for(spec: JobSpec) -> tuple[str, Any]:
-    """`RunConfig` storage path and filesystem for `checkpoint.storage`."""
-
-    return resolve_storage(spec.storage_uri, endpoint=spec.checkpoint.endpoint)
-
-
-def make_trainer(prepared: Prepared, channel: Any = None) -> Any:
-    """Assemble the `TorchTrainer` for a prepared spec."""
+def make_trainer(prepared: Prepared, channel: Any = None, step_hooks: Sequence[StepHook] = ()) -> Any:
+    """Assemble the `TorchTrainer` for a prepared spec (`step_hooks`: see [`run_job`])."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -149,10 +127,13 @@ def make_trainer(prepared: Prepared, channel: Any = None) -> Any:
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     resources = dict(scaling.resources_per_worker) or None
-    storage_path, filesystem = storage_for(spec)
+    storage_path, filesystem = RunLocation.of(spec).ray_storage()
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump_json(), "base": prepared.base, "channel": channel},
+        # Ray Train puts the loop and its config in the object store once; every worker reads the data from there.
+        train_loop_config=WorkerInputs(
+            spec.model_dump_json(), prepared.base, prepared.data, channel=channel, step_hooks=tuple(step_hooks)
+        ).config(),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=spec.name,
@@ -185,16 +166,11 @@ def _storage_outage(exc: BaseException) -> bool:
 
 
 def _storage_reachable(spec: JobSpec) -> bool:
-
-    path, filesystem = run_location(spec.checkpoint.storage, spec.name, spec.checkpoint.endpoint)
-    try:
-        filesystem.get_file_info(path)
-        return True
-    except OSError:
-        return False
+    """Whether the run's storage answers again (`checkpoint.storage`, or its default when the spec has none)."""
+    return RunLocation.of(spec).reachable()
 
 
-def fit_with_storage_retries(prepared: Prepared, channel: Any) -> Any:
+def fit_with_storage_retries(prepared: Prepared, channel: Any, step_hooks: Sequence[StepHook] = ()) -> Any:
     """`TorchTrainer.fit()`, started again while storage is unreachable, for up to `LORAFLEET_UPLOAD_RETRY_S`.
 
     Ray Train only counts a checkpoint once every worker's upload finished, and a re-run with the same name and
@@ -208,7 +184,7 @@ def fit_with_storage_retries(prepared: Prepared, channel: Any) -> Any:
     started, delay = time.monotonic(), 2.0
     while True:
         try:
-            return make_trainer(prepared, channel).fit()
+            return make_trainer(prepared, channel, step_hooks).fit()
         except Exception as exc:
             if not _storage_outage(exc):
                 raise
@@ -227,27 +203,31 @@ def fit_with_storage_retries(prepared: Prepared, channel: Any) -> Any:
                     break
 
 
-def remove_orphan_checkpoints(result: Any) -> int:
+def remove_orphan_checkpoints(result: Any, location: RunLocation) -> int:
     """Delete checkpoint folders in the run's storage that Ray Train does not hold as kept checkpoints.
 
     A `fit()` that died mid-upload (e.g. storage went away) can leave folders its retry never registered, so Ray's
     `keep` pruning would never see them. Called after a successful run, when the kept set is final.
 
+    Args:
+        result (`ray.train.Result`):
+            The run's result: its latest checkpoint and the ones Ray Train keeps.
+        location ([`~lorafleet.runstore.location.RunLocation`]):
+            The run's location, whose folder holds those checkpoints.
+
     Returns:
         `int`: How many folders were removed.
     """
-
     kept = [checkpoint for checkpoint, _ in (result.best_checkpoints or [])]
     if result.checkpoint is None or not kept:
         return 0
-    filesystem = result.checkpoint.filesystem
-    run_path = result.checkpoint.path.rstrip("/").rsplit("/", 1)[0]
-    keep_paths = {c.path.rstrip("/") for c in kept} | {result.checkpoint.path.rstrip("/")}
+    # By folder name: Ray Train's paths and the location's name the same folders, but need not be spelled alike.
+    keep_names = {c.path.rstrip("/").rsplit("/", 1)[-1] for c in [*kept, result.checkpoint]}
     removed = 0
-    for path in list_checkpoint_dirs(filesystem, run_path):
-        if path.rstrip("/") not in keep_paths:
+    for path in location.checkpoint_dirs():
+        if path.rstrip("/").rsplit("/", 1)[-1] not in keep_names:
             try:
-                filesystem.delete_dir(path)
+                location.filesystem.delete_dir(path)
                 removed += 1
             except OSError:
                 pass  # best effort: a leftover folder costs space, never correctness (resume verifies)
@@ -261,6 +241,7 @@ def run_job(
     on_progress: Optional[ProgressFn] = None,
     verbose: bool = False,
     fresh: bool = False,
+    step_hooks: Sequence[StepHook] = (),
 ) -> RunSummary:
     """Run a job to the end and summarize it.
 
@@ -277,6 +258,9 @@ def run_job(
             Delete the run's stored checkpoints first and start over. By default a job re-submitted with the same
             `name` and `checkpoint.storage` resumes from its latest complete checkpoint (adapter, optimizer,
             scheduler, RNG and data position); `start_step` in the summary says where it started.
+        step_hooks (`Sequence[StepHook]`, *optional*, defaults to `()`):
+            Callables every worker runs before each step ([`~lorafleet.train.worker.StepHook`]); one returning `True`
+            ends the run cleanly after its next checkpoint.
 
     Returns:
         [`RunSummary`]: `status` is `succeeded` or `failed` (with `error`).
@@ -294,9 +278,9 @@ def run_job(
     from ray.util.queue import Queue
 
     prepared = prepare(spec)
+    location = RunLocation.of(spec)
     if fresh:
-
-        delete_run(spec.storage_uri, spec.name, spec.checkpoint.endpoint)
+        location.delete()
     start_ray(address, verbose)
     channel = Queue(actor_options={"num_cpus": 0})
     history: list[dict[str, Any]] = []
@@ -320,7 +304,7 @@ def run_job(
     reader.start()
     summary = RunSummary(job=spec.name, status="succeeded")
     try:
-        result = fit_with_storage_retries(prepared, channel)
+        result = fit_with_storage_retries(prepared, channel, step_hooks)
     except Exception as exc:  # Ray wraps worker errors; the summary carries the worker's own message.
         result = None
         summary.status = "failed"
@@ -351,12 +335,12 @@ def run_job(
             summary.steps = summary.start_step = int(event["step"])
     if history:
 
-        write_run_artifacts(spec, history)  # metrics.jsonl + loss.png next to the checkpoints; never raises
+        write_run_artifacts(location, history)  # metrics.jsonl + loss.png next to the checkpoints; never raises
     if result is not None and result.checkpoint is not None:
 
         if summary.status == "succeeded":
-            remove_orphan_checkpoints(result)
-        summary.adapter_uri = display_uri(spec.storage_uri, result.checkpoint.path)
+            remove_orphan_checkpoints(result, location)
+        summary.adapter_uri = location.display_uri(result.checkpoint.path)
     elif summary.status == "succeeded" and not summary.already_complete:
         summary.status, summary.error = "failed", "the run finished without a checkpoint"
     return summary

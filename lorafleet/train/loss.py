@@ -1,8 +1,4 @@
-"""Model building: materialize a small base model, load it (4-bit) through `from_pretrained`, add PEFT LoRA.
-
-Everything a worker needs to turn a [`~lorafleet.spec.JobSpec`] into a trainable module lives here; the driver only
-calls [`resolve_base_model`] so that the adapter's `base_model_name_or_path` points at a directory anyone can load.
-"""
+"""The loss module data-parallel wrappers wrap: a batch in, (summed token loss, target token count) out."""
 
 from __future__ import annotations
 
@@ -21,6 +17,13 @@ class LossModule(torch.nn.Module):
 
     Wrapping the loss inside a module's `forward` lets the fused LM-head loss run through the data-parallel
     wrapper's forward, which is where DDP prepares its gradient reducer.
+
+    Args:
+        model (`peft.PeftModel`):
+            The LoRA model (kernels already applied).
+        fused_loss (`bool`):
+            Use the chunked LM-head loss. Pass the model's [`~lorafleet.kernels.KernelPlan`]`.fused_loss`, never
+            the spec's `kernels.loss` flag: the plan says whether this model's head allowed it.
     """
 
     def __init__(self, model, fused_loss: bool):

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from lorafleet.kernels.plan import KernelPlan
 from lorafleet.spec import JobSpec
 from lorafleet.train.loss import LossModule
 
@@ -140,15 +141,18 @@ class DDPStrategy(Strategy):
         peft_model ([`~peft.PeftModel`]):
             The model with LoRA adapters (kernels already applied).
         spec ([`~lorafleet.spec.JobSpec`]):
-            For the optimizer, scheduler, clipping and loss settings.
+            For the optimizer, scheduler and clipping settings.
         device (`torch.device`):
             The worker's device.
+        kernels ([`~lorafleet.kernels.KernelPlan`], *optional*):
+            What [`~lorafleet.kernels.apply_kernels`] fused on `peft_model`; its `fused_loss` picks the loss path.
+            Defaults to nothing fused (the plain loss).
     """
 
-    def __init__(self, peft_model, spec: JobSpec, device: torch.device):
+    def __init__(self, peft_model, spec: JobSpec, device: torch.device, kernels: Optional[KernelPlan] = None):
         self.peft_model = peft_model
         self.spec = spec
-        loss_module = LossModule(peft_model, fused_loss=spec.kernels.enabled and spec.kernels.loss)
+        loss_module = LossModule(peft_model, fused_loss=(kernels or KernelPlan()).fused_loss)
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
         if is_distributed():
             from torch.nn.parallel import DistributedDataParallel
@@ -267,9 +271,12 @@ class DeepSpeedStrategy(Strategy):
             The model with LoRA adapters. For ZeRO-3 with 4-bit weights, load it with `bnb_4bit_quant_storage` equal
             to the compute dtype ([`~lorafleet.model.quantization_config`] does this).
         spec ([`~lorafleet.spec.JobSpec`]):
-            For the DeepSpeed config ([`deepspeed_config`]), optimizer, scheduler and loss settings.
+            For the DeepSpeed config ([`deepspeed_config`]), optimizer and scheduler settings.
         device (`torch.device`):
             The worker's device.
+        kernels ([`~lorafleet.kernels.KernelPlan`], *optional*):
+            What [`~lorafleet.kernels.apply_kernels`] fused on `peft_model`; its `fused_loss` picks the loss path.
+            Defaults to nothing fused (the plain loss).
 
     Example:
 
@@ -279,12 +286,12 @@ class DeepSpeedStrategy(Strategy):
     ```
     """
 
-    def __init__(self, peft_model, spec: JobSpec, device: torch.device):
+    def __init__(self, peft_model, spec: JobSpec, device: torch.device, kernels: Optional[KernelPlan] = None):
         self.peft_model = peft_model
         self.spec = spec
         self.device = device
         self.zero3 = spec.scaling.zero_stage == 3
-        self._loss_module = LossModule(peft_model, fused_loss=spec.kernels.enabled and spec.kernels.loss)
+        self._loss_module = LossModule(peft_model, fused_loss=(kernels or KernelPlan()).fused_loss)
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=spec.training.learning_rate, weight_decay=spec.training.weight_decay)
         # Built on the torch optimizer: ZeRO keeps its param_group dicts, so the scheduler's lr reaches ZeRO's step.
@@ -379,9 +386,9 @@ class DeepSpeedStrategy(Strategy):
             self.engine.optimizer.optimizer.load_state_dict(shard["torch"])
 
 
-def make_strategy(peft_model, spec: JobSpec, device: torch.device) -> Strategy:
-    """The strategy `scaling.strategy` names: [`DDPStrategy`] or [`DeepSpeedStrategy`]."""
+def make_strategy(peft_model, spec: JobSpec, device: torch.device, kernels: Optional[KernelPlan] = None) -> Strategy:
+    """The strategy `scaling.strategy` names: [`DDPStrategy`] or [`DeepSpeedStrategy`] (same arguments)."""
     if spec.scaling.strategy == "deepspeed":
-        return DeepSpeedStrategy(peft_model, spec, device)
-    return DDPStrategy(peft_model, spec, device)
+        return DeepSpeedStrategy(peft_model, spec, device, kernels)
+    return DDPStrategy(peft_model, spec, device, kernels)
 

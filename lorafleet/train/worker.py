@@ -1,7 +1,9 @@
 """The per-worker training loop Ray Train runs: build, resume, loop, report.
 
 Each helper below does one step of the story so [`train_loop_per_worker`] reads top to bottom. The loop's only
-inputs are the validated spec (as JSON) and the resolved base model; it never reads config by loose string keys.
+input is the driver's [`WorkerInputs`]: the validated spec (as JSON), the resolved base model and the data the driver
+already tokenized ([`TrainingData`]). One optimizer step is [`train_step`], which a loop outside Ray (a notebook, a
+test) calls the same way; [`StepHook`]s let a caller act on the workers before each step.
 """
 
 from __future__ import annotations
@@ -15,18 +17,20 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Optional
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from lorafleet.data.alora import Invocation, spec_invocation
+from lorafleet.constants import IGNORE_INDEX
+from lorafleet.data.alora import Invocation
 from lorafleet.data.batching import collate
 from lorafleet.data.encode import prepare_samples
 from lorafleet.data.plan import BatchPlan
-from lorafleet.model.build import build_model, load_tokenizer_for
+from lorafleet.model.build import build_model
 from lorafleet.model.device import torch_dtype
 from lorafleet.runstore.checkpoint import (
     cpu_copy,
@@ -36,10 +40,11 @@ from lorafleet.runstore.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from lorafleet.runstore.location import list_checkpoint_dirs
 from lorafleet.runstore.monitoring import export_step
-from lorafleet.runstore.storage import list_checkpoint_dirs, upload_checkpoint
+from lorafleet.runstore.storage import upload_checkpoint
 from lorafleet.spec import JobSpec, spec_from_json
-from lorafleet.train.strategies import is_distributed, make_strategy
+from lorafleet.train.strategies import Strategy, is_distributed, make_strategy
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,6 +53,14 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class WorkerContext:
+    """Where a worker stands in the data-parallel group.
+
+    Args:
+        rank (`int`): This worker's rank, 0 to `world_size - 1`.
+        world_size (`int`): Number of data-parallel workers.
+        device (`torch.device`): The device this worker trains on.
+    """
+
     rank: int
     world_size: int
     device: torch.device
@@ -69,13 +82,61 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(worker_seed)
 
 
-def load_data(spec: JobSpec, tokenizer):
-    """Tokenized samples, the batch plan and the per-sample count of target tokens (after the causal shift)."""
+@dataclass
+class TrainingData:
+    """A job's tokenized training samples and what batching them needs, prepared once (on the driver) for all workers.
 
-    samples = prepare_samples(spec.data, tokenizer, invocation=Invocation.from_spec(spec, tokenizer))
-    targets = [sum(1 for label in s["labels"][1:] if label != -100) for s in samples]
-    plan = BatchPlan(len(samples), spec.global_batch_size, seed=spec.training.seed, shuffle=spec.data.shuffle)
-    return samples, targets, plan
+    Args:
+        samples (`list[dict]`):
+            [`~lorafleet.data.encode.prepare_samples`]'s samples (rows, when packing).
+        pad_token_id (`int`):
+            The id [`~lorafleet.data.batching.collate`] pads micro-batches with.
+        invocation_tokens (`list[int]`, *optional*):
+            The aLoRA invocation ids the samples were masked with, for the model's `LoraConfig`; `None` for plain LoRA.
+
+    Attributes:
+        targets (`list[int]`): Per sample, the tokens the loss counts (labels after the causal shift that are not -100).
+
+    Example:
+
+    ```python
+    >>> from lorafleet.data.tokenizer import load_tokenizer
+    >>> from lorafleet.spec import load_spec
+    >>> data = TrainingData.from_spec(load_spec("jobs/llama.yaml"), load_tokenizer())
+    >>> len(data.samples) == len(data.targets), data.invocation_tokens
+    (True, None)
+    ```
+    """
+
+    samples: list[dict]
+    pad_token_id: int
+    invocation_tokens: list[int] | None = None
+    targets: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.targets = [sum(1 for label in s["labels"][1:] if label != IGNORE_INDEX) for s in self.samples]
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, tokenizer, warn: bool = False) -> TrainingData:
+        """Read, check and tokenize `spec.data` (with the aLoRA invocation, if any).
+
+        Args:
+            spec ([`~lorafleet.spec.JobSpec`]): The validated spec.
+            tokenizer ([`~transformers.PreTrainedTokenizerBase`]): The base model's tokenizer.
+            warn (`bool`, *optional*, defaults to `False`):
+                Warn about an invocation not framed by special tokens ([`~lorafleet.data.alora.resolve_invocation`]).
+
+        Raises:
+            [`~lorafleet.spec.SpecError`]: For data that cannot be trained on (bad records, no sample left, samples
+            without the invocation).
+        """
+        invocation = Invocation.from_spec(spec, tokenizer, warn=warn)
+        samples = prepare_samples(spec.data, tokenizer, invocation=invocation)
+        return cls(samples, tokenizer.pad_token_id, invocation.tokens if invocation is not None else None)
+
+    def plan(self, spec: JobSpec) -> BatchPlan:
+        """The job's [`~lorafleet.data.plan.BatchPlan`] over these samples (global batch size, seed, shuffle)."""
+        return BatchPlan(len(self.samples), spec.global_batch_size, seed=spec.training.seed, shuffle=spec.data.shuffle)
 
 
 def autocast(spec: JobSpec, device: torch.device):
@@ -265,47 +326,186 @@ def stop_without_retry(channel, error: Exception, ctx: WorkerContext) -> bool:
     return True
 
 
-def _test_fault(step: int, ctx: WorkerContext) -> Optional[str]:
-    """Fault injection for lorafleet's own tests, inert unless a `LORAFLEET_TEST_*` variable is set.
+@dataclass
+class StepEvent:
+    """What a [`StepHook`] is told: the step a worker is about to run.
 
-    `LORAFLEET_TEST_KILL_AT_STEP=k`: worker `LORAFLEET_TEST_KILL_RANK` (default 1) SIGKILLs itself before step k, once
-    (guarded by the file `LORAFLEET_TEST_KILL_ONCE_FILE`). `LORAFLEET_TEST_NAN_AT_STEP=k`: step k's loss reads as NaN
-    (returns "nan"). `LORAFLEET_TEST_STOP_AFTER_STEP=k`: stop cleanly after step k's checkpoint, like a preempted job
-    (returns "stop").
+    Args:
+        step (`int`): 1-based number of the step about to run (the `step` its metrics will carry).
+        rank (`int`): The worker's rank.
+        world_size (`int`): Number of workers.
+        strategy ([`~lorafleet.train.strategies.Strategy`]): The worker's model and optimizer, e.g. to read or adjust
+            parameters before the step.
     """
-    done = step + 1
-    kill_at = os.environ.get("LORAFLEET_TEST_KILL_AT_STEP")
-    if kill_at and done == int(kill_at) and ctx.rank == int(os.environ.get("LORAFLEET_TEST_KILL_RANK", "1")):
-        marker = os.environ.get("LORAFLEET_TEST_KILL_ONCE_FILE")
-        if marker is None or not os.path.exists(marker):
-            if marker is not None:
-                open(marker, "w").close()
-            import signal
 
-            os.kill(os.getpid(), signal.SIGKILL)
-    if os.environ.get("LORAFLEET_TEST_NAN_AT_STEP") == str(done):
-        return "nan"
-    if os.environ.get("LORAFLEET_TEST_STOP_AFTER_STEP") == str(done):
-        return "stop"
-    return None
+    step: int
+    rank: int
+    world_size: int
+    strategy: Strategy
+
+
+class StepHook(Protocol):
+    """A callable every worker runs before each training step: `hook(event) -> bool | None`.
+
+    Returning `True` asks the run to end cleanly after its next checkpoint (the step's own, when it is a checkpoint
+    step), as a preempted job would: a re-submit resumes there. One rank asking is enough; the ranks agree at the
+    checkpoint. Hooks reach the workers inside Ray Train's `train_loop_config`, so they must be picklable (by
+    reference from a module the workers can import, or registered with `ray.cloudpickle.register_pickle_by_value`);
+    they run on the training thread, so a slow hook slows every step. Pass them to
+    [`~lorafleet.train.driver.run_job`] as `step_hooks`.
+
+    Example:
+
+    ```python
+    >>> class StopAfter:
+    ...     def __init__(self, step):
+    ...         self.step = step
+    ...     def __call__(self, event: StepEvent):
+    ...         return event.step >= self.step
+    >>> StopAfter(4)(StepEvent(step=4, rank=0, world_size=2, strategy=None))
+    True
+    ```
+    """
+
+    def __call__(self, event: StepEvent) -> bool | None: ...
+
+
+def run_step_hooks(hooks: Sequence[StepHook], event: StepEvent) -> bool:
+    """Call every hook with `event` (all of them, even after one asked to stop); whether any asked to stop."""
+    asked = False
+    for hook in hooks:
+        asked = bool(hook(event)) or asked
+    return asked
+
+
+def _any_rank(flag: bool, ctx: WorkerContext) -> bool:
+    """Whether `flag` is set on any rank (a collective: every rank calls it)."""
+    return _all_reduce_sum([float(flag)], ctx.device)[0] > 0
+
+
+@dataclass
+class WorkerInputs:
+    """What the driver hands every worker, as Ray Train's `train_loop_config` ([`config`]).
+
+    Args:
+        spec (`str`): The validated spec as JSON.
+        base (`str`): Directory or hub id of the base model (the driver materialized it).
+        data ([`TrainingData`]): The samples the driver tokenized and checked.
+        channel (`ray.util.queue.Queue`, *optional*): Where rank 0 sends step metrics and events for the driver.
+        step_hooks (`Sequence[StepHook]`, *optional*, defaults to `()`): Run on every worker before each step.
+    """
+
+    spec: str
+    base: str
+    data: TrainingData
+    channel: Any = None
+    step_hooks: Sequence[StepHook] = ()
+
+    _KEY = "lorafleet"
+
+    def config(self) -> dict[str, Any]:
+        """These inputs as a `train_loop_config` (Ray Train wants a dict) for [`train_loop_per_worker`]."""
+        return {self._KEY: self}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> WorkerInputs:
+        return config[cls._KEY]
+
+
+def train_step(
+    strategy: Strategy, data: TrainingData, plan: BatchPlan, step: int, ctx: WorkerContext, spec: JobSpec
+) -> dict[str, Any]:
+    """One optimizer step on this worker's share of global batch `step`; every worker calls it with the same `step`.
+
+    The worker's micro-batches come from `plan`. Each one's summed token loss is scaled by
+    `world_size / (target tokens of the whole global batch)` before its backward, so that after the data-parallel
+    gradient average the gradient is the token-mean over the global batch, whatever its split into workers and
+    micro-batches (1 worker x 2 accumulations == 2 workers x 1). Under `torch.distributed` this is a collective: it
+    all-reduces the target and token counts and the loss.
+
+    Args:
+        strategy ([`~lorafleet.train.strategies.Strategy`]): The worker's model and optimizer.
+        data ([`TrainingData`]): The tokenized samples.
+        plan ([`~lorafleet.data.plan.BatchPlan`]): Which samples make up each global batch ([`TrainingData.plan`]).
+        step (`int`): 0-based index of the optimizer step.
+        ctx ([`WorkerContext`]): This worker's rank, world size and device.
+        spec ([`~lorafleet.spec.JobSpec`]): For `training.micro_batch_size`, `grad_accum` and `dtype`.
+
+    Returns:
+        `dict[str, Any]`: The step's metrics: `step` (1-based), `loss` (token-mean over the global batch), `lr` (the
+        step's learning rate), `grad_norm` (before clipping; `None` without clipping), `tokens_per_s` (global batch
+        tokens over the step's time) and `step_time_s`.
+
+    Raises:
+        [`NonFiniteLossError`]: The loss is NaN or infinite; raised before the optimizer step, so the parameters keep
+        their last finite values.
+
+    Example:
+
+    ```python
+    >>> from lorafleet.model.build import build_model, load_tokenizer_for, resolve_base_model
+    >>> from lorafleet.spec import load_spec
+    >>> overrides = ["kernels.enabled=false", "scaling.num_workers=1", "training.micro_batch_size=2"]
+    >>> spec = load_spec("jobs/llama.yaml", overrides)
+    >>> base = resolve_base_model(spec)
+    >>> data = TrainingData.from_spec(spec, load_tokenizer_for(base))
+    >>> model, kernels = build_model(spec, base)
+    >>> strategy = make_strategy(model, spec, torch.device("cpu"), kernels)
+    >>> metrics = train_step(strategy, data, data.plan(spec), 0, WorkerContext(0, 1, torch.device("cpu")), spec)
+    >>> metrics["step"], metrics["loss"] > 0
+    (1, True)
+    ```
+    """
+    t = spec.training
+    started = time.perf_counter()
+    micro_batches = plan.micro_batches(step, ctx.rank, ctx.world_size, t.micro_batch_size, t.grad_accum)
+    local_targets = sum(data.targets[i] for mb in micro_batches for i in mb)
+    local_tokens = sum(len(data.samples[i]["input_ids"]) for mb in micro_batches for i in mb)
+    global_targets, global_tokens = _all_reduce_sum([local_targets, local_tokens], ctx.device)
+    # Normalizing by the global target count (not per micro-batch or per worker) makes the gradient the
+    # token-mean over the whole global batch, so 1 worker x 2 accumulations == 2 workers x 1.
+    scale = ctx.world_size / max(global_targets, 1.0)
+    loss_sum = 0.0
+    for i, indices in enumerate(micro_batches):
+        batch = collate([data.samples[j] for j in indices], data.pad_token_id)
+        batch = {k: v.to(ctx.device) for k, v in batch.items() if v is not None}
+        with strategy.accumulate(last_micro_batch=i == len(micro_batches) - 1), autocast(spec, ctx.device):
+            token_loss, _ = strategy.module(**batch)
+            strategy.backward(token_loss * scale)
+        loss_sum += float(token_loss.detach())
+    (global_loss_sum,) = _all_reduce_sum([loss_sum], ctx.device)
+    loss = global_loss_sum / max(global_targets, 1.0)
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"training loss became {loss} at step {step + 1}; stopped (the last good checkpoint is kept). "
+            "Lower training.learning_rate or check the data."
+        )
+    lr = strategy.lr
+    grad_norm = strategy.step()
+    elapsed = time.perf_counter() - started
+    return {
+        "step": step + 1,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": global_tokens / elapsed,
+        "step_time_s": elapsed,
+    }
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point.
+    """Ray Train entry point; `config` is [`WorkerInputs.config`]'s dict."""
 
-    `config` carries `spec` (the validated spec as JSON), `base` (directory or hub id of the base model) and
-    optionally `channel` (a `ray.util.queue.Queue` the driver reads step metrics from).
-    """
-
-    spec = spec_from_json(config["spec"])
+    inputs = WorkerInputs.from_config(config)
+    spec = spec_from_json(inputs.spec)
     ctx = _context()
     seed_everything(spec.training.seed, ctx.rank)
-    tokenizer = load_tokenizer_for(config["base"], spec.model.trust_remote_code)
-    samples, targets, plan = load_data(spec, tokenizer)
-    model, kernels = build_model(spec, config["base"], ctx.device, invocation_tokens=spec_invocation(spec, tokenizer))
-    strategy = make_strategy(model, spec, ctx.device)
+    data = inputs.data
+    plan = data.plan(spec)
+    model, kernels = build_model(spec, inputs.base, ctx.device, invocation_tokens=data.invocation_tokens)
+    strategy = make_strategy(model, spec, ctx.device, kernels)
     start_step = resume(strategy, ctx)
-    channel = config.get("channel")
+    channel = inputs.channel
 
     t = spec.training
     every = spec.checkpoint.every_n_steps
@@ -313,55 +513,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         import ray
 
         ray.get(channel.actor.put.remote({"event": "complete", "step": start_step, "start_step": start_step}))
+    stop_requested = False
     for step in range(start_step, t.steps):
-        fault = _test_fault(step, ctx)
-        started = time.perf_counter()
-        micro_batches = plan.micro_batches(step, ctx.rank, ctx.world_size, t.micro_batch_size, t.grad_accum)
-        local_targets = sum(targets[i] for mb in micro_batches for i in mb)
-        local_tokens = sum(len(samples[i]["input_ids"]) for mb in micro_batches for i in mb)
-        global_targets, global_tokens = _all_reduce_sum([local_targets, local_tokens], ctx.device)
-        # Normalizing by the global target count (not per micro-batch or per worker) makes the gradient the
-        # token-mean over the whole global batch, so 1 worker x 2 accumulations == 2 workers x 1.
-        scale = ctx.world_size / max(global_targets, 1.0)
-        loss_sum = 0.0
-        for i, indices in enumerate(micro_batches):
-            batch = collate([samples[j] for j in indices], tokenizer.pad_token_id)
-            batch = {k: v.to(ctx.device) for k, v in batch.items() if v is not None}
-            with strategy.accumulate(last_micro_batch=i == len(micro_batches) - 1), autocast(spec, ctx.device):
-                token_loss, _ = strategy.module(**batch)
-                strategy.backward(token_loss * scale)
-            loss_sum += float(token_loss.detach())
-        (global_loss_sum,) = _all_reduce_sum([loss_sum], ctx.device)
-        loss = global_loss_sum / max(global_targets, 1.0) if fault != "nan" else float("nan")
-        if not math.isfinite(loss):
-            error = NonFiniteLossError(
-                f"training loss became {loss} at step {step + 1}; stopped (the last good checkpoint is kept). "
-                "Lower training.learning_rate or check the data."
-            )
+        event = StepEvent(step + 1, ctx.rank, ctx.world_size, strategy)
+        stop_requested = run_step_hooks(inputs.step_hooks, event) or stop_requested
+        try:
+            metrics = train_step(strategy, data, plan, step, ctx, spec)
+        except NonFiniteLossError as error:
             if stop_without_retry(channel, error, ctx):
                 return
-            raise error
-        lr = strategy.lr
-        grad_norm = strategy.step()
-        elapsed = time.perf_counter() - started
+            raise
+        metrics.update(start_step=start_step, total_steps=t.steps, peak_rss_mb=peak_rss_mb())
         done = step + 1
-        metrics = {
-            "step": done,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": global_tokens / elapsed,
-            "step_time_s": elapsed,
-            "start_step": start_step,
-            "total_steps": t.steps,
-            "peak_rss_mb": peak_rss_mb(),
-        }
         if step == start_step:
-            metrics["kernels"] = kernels
+            metrics["kernels"] = dict(kernels.applied)
+            if kernels.skipped:
+                metrics["kernels_skipped"] = kernels.reasons()
         publish(channel, metrics, ctx)
         export_step(metrics, spec.name, ctx.rank)  # Ray metric gauges (rank 0 only), see lorafleet/monitoring.py
         if done % every == 0 or done == t.steps:
             save_and_report(metrics, strategy, spec, ctx)
-            if fault == "stop":
+            # Only with hooks: without any, no rank can ask, and the loop spares the collective.
+            if inputs.step_hooks and _any_rank(stop_requested, ctx):
                 return
 

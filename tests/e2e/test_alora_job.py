@@ -2,23 +2,15 @@
 checkpoint is a PEFT aLoRA adapter that `lorafleet generate` uses and `lorafleet merge` refuses."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import JOBS, REPO
+from helpers.cli import JOBS
 
 STEPS = 80  # the shipped job runs 150 (held-out accuracy 1.0 measured); 80 keeps this test near 2.5 min
 
 
-def _cli_with_generate(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "lorafleet.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=env)
-
-
-@pytest.mark.slow
 def test_submit_alora_job_learns_the_judgment(cli, tmp_path):
     res = cli("submit", str(JOBS / "alora.yaml"), "--json", "--set", f"training.steps={STEPS}",
               "--set", f"checkpoint.every_n_steps={STEPS}", "--set", f"checkpoint.storage={tmp_path / 'runs'}")
@@ -57,8 +49,7 @@ def test_submit_alora_job_learns_the_judgment(cli, tmp_path):
     assert torch.equal(adapted[: len(ids) - len(inv)], base_logits[: len(ids) - len(inv)])
     assert correct / len(records) >= 0.75, f"held-out accuracy {correct / len(records):.2f}"
 
-    gen = _cli_with_generate("generate", "--adapter", adapter, "--prompt", "<|user|>cat 42 dog<|end|>",
-                             "--max-new-tokens", "4", "--json")
+    gen = cli("generate", "--adapter", adapter, "--prompt", "<|user|>cat 42 dog<|end|>", "--max-new-tokens", "4", "--json")
     assert gen.returncode == 0, gen.stderr[-2000:]
     out = json.loads(gen.stdout.strip().splitlines()[-1])
     assert out["invocation_appended"] and out["alora"] and out["text"] in ("yes", "no")

@@ -12,9 +12,8 @@ import json
 import pytest
 import requests
 
-from conftest import JOBS
-from test_remote import remote_cli, submit_cli
-from test_remote_helpers import LocalRayCluster
+from helpers.cli import JOBS, run_cli
+from helpers.ray_cluster import LocalRayCluster
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +31,13 @@ def _get(cluster: LocalRayCluster, path: str) -> list[dict]:
     return body["data"]["result"]["result"]
 
 
-@pytest.mark.slow
 def test_two_workers_on_two_nodes(two_nodes, tmp_path):
     nodes = {n["node_id"]: n["node_ip"] for n in _get(two_nodes, "/api/v0/nodes?limit=100") if n["state"] == "ALIVE"}
     assert len(nodes) == 2 and "127.0.0.2" in nodes.values(), nodes
 
     env = two_nodes.client_env()
-    result = submit_cli(
+    result = run_cli(
+        "submit",
         str(JOBS / "llama.yaml"),
         *[a for s in ["name=multinode", "training.steps=3", "training.warmup=1", "kernels.enabled=false",
                       "checkpoint.every_n_steps=3", "scaling.num_workers=2"] for a in ("--set", s)],
@@ -58,6 +57,6 @@ def test_two_workers_on_two_nodes(two_nodes, tmp_path):
 
     # The adapter the two nodes trained together loads.
     dest = tmp_path / "adapter"
-    pulled = remote_cli("pull", out["job_id"], str(dest), "--address", two_nodes.address, "--json", env=env)
+    pulled = run_cli("pull", out["job_id"], str(dest), "--address", two_nodes.address, "--json", env=env)
     assert pulled.returncode == 0, pulled.stderr
     assert json.loads(pulled.stdout)["tensors"] > 0

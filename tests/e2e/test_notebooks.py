@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+from helpers.cli import REPO
+
+NOTEBOOKS = REPO / "notebooks"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["quickstart.ipynb", "ray_driver.ipynb"])
 def test_notebook_runs(name: str):
     import nbformat

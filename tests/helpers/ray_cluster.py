@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,14 +19,11 @@ from pathlib import Path
 from typing import Optional
 
 import psutil
+import requests
+
+from helpers.net import free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LocalRayCluster:
@@ -39,7 +35,9 @@ class LocalRayCluster:
         lorafleet_home (`str`): `LORAFLEET_HOME` of the cluster's processes (where remote runs are stored).
     """
 
-    def __init__(self, auth: bool = True, num_cpus: int = 2, lorafleet_home: Optional[str] = None, head_ip: str = "127.0.0.1"):
+    def __init__(
+        self, auth: bool = True, num_cpus: int = 2, lorafleet_home: Optional[str] = None, head_ip: str = "127.0.0.1"
+    ):
         self.temp_dir = tempfile.mkdtemp(prefix="lfray", dir="/tmp")  # short: Ray's socket paths have a length limit
         self.token = secrets.token_hex(16) if auth else None
         self.head_ip = head_ip
@@ -47,7 +45,9 @@ class LocalRayCluster:
         self.dashboard_port = free_port()
         self.metrics_port = free_port()
         # The test session's home by default: the cluster reuses base models the session already materialized.
-        self.lorafleet_home = lorafleet_home or os.environ.get("LORAFLEET_HOME") or tempfile.mkdtemp(prefix="lf-cluster-home-")
+        self.lorafleet_home = (
+            lorafleet_home or os.environ.get("LORAFLEET_HOME") or tempfile.mkdtemp(prefix="lf-cluster-home-")
+        )
         self.env = {
             **os.environ,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -109,7 +109,8 @@ class LocalRayCluster:
             if "--head" in args:
                 self.shutdown()
                 self.gcs_port, self.dashboard_port, self.metrics_port = free_port(), free_port(), free_port()
-                args = tuple(a for a in args if not a.startswith(("--port=", "--dashboard-port=", "--metrics-export-port=")))
+                stale = ("--port=", "--dashboard-port=", "--metrics-export-port=")
+                args = tuple(a for a in args if not a.startswith(stale))
                 args += (f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
                          f"--metrics-export-port={self.metrics_port}")
             return self._start(*args, attempt=1)
@@ -122,8 +123,6 @@ class LocalRayCluster:
         self._start(f"--address={self.gcs_address}", f"--node-ip-address={node_ip}", f"--num-cpus={num_cpus}")
 
     def _wait_dashboard(self, timeout: float = 90.0) -> None:
-        import requests
-
         deadline = time.monotonic() + timeout
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         while time.monotonic() < deadline:
@@ -170,11 +169,3 @@ class LocalRayCluster:
         psutil.wait_procs(alive, timeout=5)
         shutil.rmtree(self.temp_dir, ignore_errors=True)  # session logs and unpacked working dirs
 
-
-def test_train_settings_default_and_yield_to_the_environment(monkeypatch):
-    from lorafleet.train.driver import train_env
-
-    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
-    assert train_env() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
-    assert train_env() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}

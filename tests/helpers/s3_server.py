@@ -1,7 +1,7 @@
-"""A real S3 server on 127.0.0.1 for storage tests (moto's threaded server), loaded by test modules with
-`from s3_server import s3_server  # noqa: F401`.
+"""A real S3 server on 127.0.0.1 for storage tests (moto's threaded server), behind the `s3_server` fixture of
+tests/conftest.py.
 
-The fixture sets the standard AWS variables in this process's environment for the module's duration, so the
+[`running_s3_server`] sets the standard AWS variables in this process's environment for the module's duration, so the
 driver, the embedded Ray instance it starts and its workers all reach the server the way a user's job reaches S3.
 The credentials are fake but distinctive (`SECRET_KEY`) so tests can grep outputs and files for leaks.
 """
@@ -9,12 +9,15 @@ The credentials are fake but distinctive (`SECRET_KEY`) so tests can grep output
 from __future__ import annotations
 
 import os
-import socket
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
-import pytest
+import boto3
+from moto.server import ThreadedMotoServer
+
+from helpers.net import free_port
 
 SECRET_KEY = "lorafleet-test-SECRET-9f3a7c1e"
 ACCESS_KEY = "lorafleet-test-access"
@@ -74,7 +77,8 @@ class S3Server:
     def keys(self, prefix: str = "") -> list[str]:
         """Every object key under `prefix`."""
         paginator = self.client.get_paginator("list_objects_v2")
-        return [o["Key"] for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix) for o in page.get("Contents", [])]
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
     def stop(self) -> None:
         """Take the server down: connections are refused until [`start`]; buckets and objects survive (moto keeps
@@ -90,18 +94,9 @@ class S3Server:
         self._wrap_app()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """Start moto's S3 server on a free 127.0.0.1 port with one bucket; AWS_* variables point at it."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
+@contextmanager
+def running_s3_server() -> Iterator[S3Server]:
+    """Start moto's S3 server on a free 127.0.0.1 port with one bucket; AWS_* variables point at it until exit."""
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -114,7 +109,9 @@ def s3_server():
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name="us-east-1")
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name="us-east-1"
+    )
     client.create_bucket(Bucket=BUCKET)
     try:
         yield S3Server(server=server, endpoint=endpoint, bucket=BUCKET, client=client)

@@ -17,17 +17,12 @@ from lorafleet.data.templates import format_instruction_prompt
 from lorafleet.data.records import load_records
 from lorafleet.spec import DataSpec, SpecError
 from lorafleet.data.templates import CHAT_TEMPLATE, SPECIAL_TOKENS
-from lorafleet.data.tokenizer import load_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers.cli import REPO
+
 TASKS = REPO / "jobs" / "data" / "tasks.jsonl"
 CHAT = REPO / "jobs" / "data" / "chat_sample.jsonl"
 TEXT = REPO / "jobs" / "data" / "text_sample.jsonl"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
 
 
 @pytest.fixture(scope="module")

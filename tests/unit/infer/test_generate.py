@@ -1,15 +1,11 @@
 """Adapter generation: aLoRA runs on the base model's KV cache and gives what a full adapter forward gives."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from lorafleet.infer.generate import base_prefill, continue_with_adapter, prompt_ids
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_alora import tiny_alora  # noqa: E402
+from helpers.models import tiny_alora
 
 INV = [8, 300, 9]
 

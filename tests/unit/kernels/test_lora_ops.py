@@ -14,65 +14,13 @@ import contextlib
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from lorafleet.model.families import family_config
 from lorafleet.kernels import apply_kernels, lm_loss, remove_kernels
 from lorafleet.spec import KernelsSpec
 
-FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3"]
+from helpers.models import FAMILIES, SMALL, TARGETS, VOCAB, load_peft
+
 QUANTS = ["nf4", "fp4", "none"]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VOCAB = 256
-# Dimensions are multiples of 64 (bitsandbytes' quantization block); 2 layers so gemma2/3 have a sliding and a
-# global layer.
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-             num_key_value_heads=1, head_dim=32, sliding_window=4)
-
-
-@pytest.fixture(scope="module")
-def saved_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kernel_models")
-    paths = {}
-    for family in FAMILIES:
-        torch.manual_seed(0)
-        overrides = dict(SMALL)
-        if family == "llama":
-            overrides.pop("sliding_window")
-        model = AutoModelForCausalLM.from_config(family_config(family, VOCAB, overrides))
-        model.save_pretrained(root / family)
-        paths[family] = root / family
-    return paths
-
-
-def load_peft(path, quant, dtype, dropout=0.0, seed=1, targets=TARGETS, **lora_kwargs):
-    from peft import LoraConfig, get_peft_model
-
-    kwargs = {}
-    if quant != "none":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_compute_dtype=dtype
-        )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu", **kwargs)
-    fix_bnb(model)
-    torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, **lora_kwargs)
-    model = get_peft_model(model, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    model.train()
-    return model
-
-
-def fix_bnb(model):
-    # STACK-NOTES: avoid the in-place AVX512-BF16 repack of Linear4bit weights in eval mode.
-    for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
-            module.support_avx512bf16_for_cpu = False
-    model.train()
 
 
 def batch(seed=2):
@@ -120,7 +68,7 @@ def assert_all_lora_grads(grads):
 def test_fused_matches_peft_fp32(saved_models, family, quant):
     model = load_peft(saved_models[family], quant, torch.float32)
     loss_ref, n_ref, grads_ref = loss_and_grads(model, fused=False)
-    summary = apply_kernels(model, KernelsSpec())
+    summary = apply_kernels(model, KernelsSpec()).applied
     assert summary == {"mlp": 2, "qkv": 2, "o": 2, "loss": 1}, model.lorafleet_kernel_report
     assert model.lorafleet_kernel_report["skipped"] == []
     loss, n, grads = loss_and_grads(model, fused=True)
@@ -190,10 +138,10 @@ def test_repeated_forward_is_deterministic(saved_models):
 
 def test_disabled_spec_and_partial_spec(saved_models):
     model = load_peft(saved_models["qwen2"], "none", torch.float32)
-    assert apply_kernels(model, KernelsSpec(enabled=False)) == {}
+    assert apply_kernels(model, KernelsSpec(enabled=False)).applied == {}
     assert model.lorafleet_kernel_report == {"applied": {}, "skipped": []}
     assert not any(hasattr(m, "_lorafleet_orig_forward") for m in model.modules())
-    summary = apply_kernels(model, KernelsSpec(qkv=False, loss=False))
+    summary = apply_kernels(model, KernelsSpec(qkv=False, loss=False)).applied
     assert summary == {"mlp": 2, "o": 2}
     patched = [n for n, m in model.named_modules() if hasattr(m, "_lorafleet_orig_forward")]
     assert sorted(patched) == sorted(
@@ -224,7 +172,7 @@ def test_fused_attention_decodes_on_a_kv_cache(saved_models, family):
     # with the adapter on (fused path) and off (the original forward).
     from transformers import DynamicCache
 
-    from lorafleet.infer.generate import _cache_name
+    from lorafleet.compat.transformers import cache_argument
 
     model = load_peft(saved_models[family], "none", torch.float32).eval()
     ids = batch()[0][:1]
@@ -232,13 +180,14 @@ def test_fused_attention_decodes_on_a_kv_cache(saved_models, family):
         expected = {"on": model(input_ids=ids, use_cache=False).logits[0]}
         with model.disable_adapter():
             expected["off"] = model(input_ids=ids, use_cache=False).logits[0]
-        assert apply_kernels(model, KernelsSpec()) == {"mlp": 2, "qkv": 2, "o": 2, "loss": 1}
+        assert apply_kernels(model, KernelsSpec()).applied == {"mlp": 2, "qkv": 2, "o": 2, "loss": 1}
         for mode, want in expected.items():
             cache, prefill = DynamicCache(), 5
             with model.disable_adapter() if mode == "off" else contextlib.nullcontext():
-                steps = [model(input_ids=ids[:, :prefill], use_cache=True, **{_cache_name(model): cache}).logits[0]]
+                steps = [model(input_ids=ids[:, :prefill], use_cache=True, **{cache_argument(model): cache}).logits[0]]
                 for t in range(prefill, ids.shape[1]):
-                    steps.append(model(input_ids=ids[:, t : t + 1], use_cache=True, **{_cache_name(model): cache}).logits[0])
+                    step = model(input_ids=ids[:, t : t + 1], use_cache=True, **{cache_argument(model): cache})
+                    steps.append(step.logits[0])
             assert cache.get_seq_length() == ids.shape[1]
             torch.testing.assert_close(torch.cat(steps), want, rtol=1e-4, atol=1e-5)
     assert abs(expected["on"] - expected["off"]).max() > 1e-3  # the adapter changes the logits
@@ -250,7 +199,7 @@ def _skipped(model, path):
 
 def test_refuses_layers_that_are_not_lora(saved_models):
     model = load_peft(saved_models["mistral"], "nf4", torch.float32, targets=["q_proj", "v_proj"])
-    summary = apply_kernels(model, KernelsSpec())
+    summary = apply_kernels(model, KernelsSpec()).applied
     assert summary == {"mlp": 0, "qkv": 0, "o": 0, "loss": 1}
     reasons = model.lorafleet_kernel_report["skipped"]
     assert len(reasons) == 6
@@ -264,7 +213,7 @@ def test_refuses_layers_that_are_not_lora(saved_models):
 
 def test_refuses_dora(saved_models):
     model = load_peft(saved_models["llama"], "none", torch.float32, use_dora=True)
-    summary = apply_kernels(model, KernelsSpec())
+    summary = apply_kernels(model, KernelsSpec()).applied
     assert summary == {"mlp": 0, "qkv": 0, "o": 0, "loss": 1}
     assert all("DoRA" in s["reason"] for s in model.lorafleet_kernel_report["skipped"])
 
@@ -306,7 +255,7 @@ def alora_loss_and_grads(model, fused_loss, active=None, seed=5):
 def test_fused_alora_matches_peft_alora_layers(saved_models, family):
     model = load_peft(saved_models[family], "nf4", torch.float32, alora_invocation_tokens=INVOKE, task_type="CAUSAL_LM")
     loss_ref, grads_ref = alora_loss_and_grads(model, fused_loss=False)
-    assert apply_kernels(model, KernelsSpec()) == {"mlp": 2, "qkv": 2, "o": 2, "loss": 1}
+    assert apply_kernels(model, KernelsSpec()).applied == {"mlp": 2, "qkv": 2, "o": 2, "loss": 1}
     assert model.lorafleet_kernel_report["skipped"] == []
     # Full-logits loss through PeftModel.forward: the offsets reach the fused paths through PEFT's hooks.
     loss, grads = alora_loss_and_grads(model, fused_loss=False)
@@ -427,7 +376,7 @@ def test_refuses_several_active_adapters(saved_models):
     model = load_peft(saved_models["llama"], "none", torch.float32)
     model.add_adapter("second", LoraConfig(r=2, target_modules=TARGETS))
     model.base_model.set_adapter(["default", "second"])
-    summary = apply_kernels(model, KernelsSpec(loss=False))
+    summary = apply_kernels(model, KernelsSpec(loss=False)).applied
     assert summary == {"mlp": 0, "qkv": 0, "o": 0}
     assert all("2 active adapters" in s["reason"] for s in model.lorafleet_kernel_report["skipped"])
 
@@ -435,14 +384,14 @@ def test_refuses_several_active_adapters(saved_models):
 def test_refuses_unknown_activation(saved_models):
     model = load_peft(saved_models["llama"], "none", torch.float32)
     model.base_model.model.model.layers[1].mlp.act_fn = torch.nn.ReLU()
-    summary = apply_kernels(model, KernelsSpec(qkv=False, o=False, loss=False))
+    summary = apply_kernels(model, KernelsSpec(qkv=False, o=False, loss=False)).applied
     assert summary == {"mlp": 1}
     assert _skipped(model, "mlp") == [{"layer": "model.layers.1.mlp", "path": "mlp", "reason": "unknown activation ReLU"}]
 
 
 def test_refuses_fused_loss_with_trainable_head(saved_models):
     model = load_peft(saved_models["llama"], "none", torch.float32, modules_to_save=["lm_head"])
-    summary = apply_kernels(model, KernelsSpec(mlp=False, qkv=False, o=False))
+    summary = apply_kernels(model, KernelsSpec(mlp=False, qkv=False, o=False)).applied
     assert summary == {"loss": 0}
     assert "LM head" in _skipped(model, "loss")[0]["reason"]
     ids, mask, labels = batch()

@@ -12,36 +12,15 @@ from lorafleet.kernels.alora import offsets_to_mask
 from lorafleet.data.encode import IGNORE_INDEX, prepare_samples
 from lorafleet.data.batching import collate, pack_samples
 from lorafleet.spec import AloraSpec, DataSpec, SpecError
-from lorafleet.data.tokenizer import load_tokenizer
+
+from helpers.models import tiny_alora
 
 INV = "<|reserved_0|>judge<|reserved_1|>"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def inv_ids(tok):
     return resolve_invocation(AloraSpec(invocation_string=INV), tok)
-
-
-def tiny_alora(invocation, seed=0, vocab=2048, **lora):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from lorafleet.model.families import family_config
-
-    cfg = family_config(
-        "llama", vocab, {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                         "num_key_value_heads": 1, "head_dim": 16},
-    )
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_config(cfg)
-    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM",
-                        alora_invocation_tokens=invocation, **lora)
-    return get_peft_model(base, config).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -209,7 +188,7 @@ def test_loss_module_trains_only_after_the_invocation(inv_ids, fused, kernels):
 
     model = tiny_alora(inv_ids).train()
     if kernels:
-        assert apply_kernels(model, KernelsSpec(loss=fused)) == {"mlp": 2, "qkv": 2, "o": 2, **({"loss": 1} if fused else {})}
+        assert apply_kernels(model, KernelsSpec(loss=fused)).applied == {"mlp": 2, "qkv": 2, "o": 2, **({"loss": 1} if fused else {})}
     for p in model.parameters():
         if p.requires_grad:
             p.grad = None
@@ -287,15 +266,9 @@ def test_cli_refuses_empty_invocation(cli, tmp_path):
     assert res.stderr.strip().splitlines()[-1].startswith("error: alora: ")
 
 
-def test_cli_merge_refuses_alora_adapter(tmp_path, inv_ids):
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
+def test_cli_merge_refuses_alora_adapter(cli, tmp_path, inv_ids):
     tiny_alora(inv_ids).save_pretrained(tmp_path / "adapter")
-    res = subprocess.run([sys.executable, "-m", "lorafleet.cli", "merge", "--adapter", str(tmp_path / "adapter"), "--out",
-                          str(tmp_path / "merged")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = cli("merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"), timeout=120)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len([l for l in lines if l.startswith("error:")]) == 1 and "aLoRA adapter" in lines[-1]

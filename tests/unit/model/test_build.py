@@ -11,7 +11,7 @@ from lorafleet.model.device import fast_bf16, torch_dtype
 from lorafleet.spec import ModelSpec, load_spec
 from lorafleet.train.strategies import DDPStrategy
 
-from conftest import JOBS
+from helpers.cli import JOBS
 
 SMALL = ["model.config={num_hidden_layers: 2}", "kernels.enabled=false", "training.dtype=float32", "model.dtype=float32"]
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.cli import REPO
+
 CLUSTER = REPO / "cluster"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -12,41 +11,14 @@ import torch
 
 from lorafleet.runstore.checkpoint import cpu_copy, expected_files, is_complete, load_training_state, read_info, rng_state, save_checkpoint, set_rng_state
 from lorafleet.spec import load_spec
-from lorafleet.runstore.storage import _verify_upload, delete_run, list_checkpoint_dirs, run_location
+from lorafleet.runstore.location import RunLocation
+from lorafleet.runstore.storage import _verify_upload
 
-
-class _Config:
-    base_model_name_or_path = "/models/base"
-
-    def save_pretrained(self, directory: str) -> None:
-        with open(f"{directory}/adapter_config.json", "w") as f:
-            json.dump({"peft_type": "LORA", "r": 2}, f)
-
-
-class _Peft:
-    peft_config = {"default": _Config()}
-
-
-def _write(directory, world_size=2, shards=True):
-    adapter = {"a.lora_A.weight": torch.randn(2, 4), "a.lora_B.weight": torch.randn(4, 2)}
-    for rank in range(world_size):
-        save_checkpoint(
-            directory,
-            rank=rank,
-            step=7,
-            adapter_state=adapter if rank == 0 else None,
-            peft_model=_Peft(),
-            optimizer_state={"scheduler": {"last_epoch": 7}} if rank == 0 else None,
-            optimizer_shard={"state": {0: {"exp_avg": torch.full((3,), float(rank))}}} if shards else None,
-            world_size=world_size,
-            info={"job": "unit", "loss": 1.5},
-            rng_states={r: rng_state() for r in range(world_size)} if rank == 0 else None,
-        )
-    return adapter
+from helpers.checkpoints import FakePeft, write_checkpoint
 
 
 def test_sharded_checkpoint_roundtrip(tmp_path):
-    adapter = _write(tmp_path)
+    adapter = write_checkpoint(tmp_path)
     info = read_info(tmp_path)
     assert info["world_size"] == 2 and info["optimizer_shards"] is True and info["step"] == 7
     assert "optimizer_rank1.pt" in expected_files(info)
@@ -59,7 +31,7 @@ def test_sharded_checkpoint_roundtrip(tmp_path):
 
 
 def test_replicated_checkpoint_has_no_shards(tmp_path):
-    _write(tmp_path, shards=False)
+    write_checkpoint(tmp_path, shards=False)
     assert is_complete(tmp_path)
     assert not list(tmp_path.glob("optimizer_rank*.pt"))
     assert load_training_state(tmp_path, rank=0)["optimizer_shard"] is None
@@ -75,7 +47,7 @@ def test_rank0_writes_every_workers_rng_states(tmp_path):
         draws[rank] = torch.rand(3)
     adapter = {"a.lora_A.weight": torch.randn(2, 4)}
     save_checkpoint(
-        tmp_path, rank=0, step=4, adapter_state=adapter, peft_model=_Peft(), optimizer_state={}, world_size=2,
+        tmp_path, rank=0, step=4, adapter_state=adapter, peft_model=FakePeft(), optimizer_state={}, world_size=2,
         rng_states=states,
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -89,7 +61,7 @@ def test_rank0_writes_every_workers_rng_states(tmp_path):
 
 def test_checkpoint_with_rng_files_of_older_versions_still_resumes(tmp_path):
     # Checkpoints written before the RNG states moved into training_state.pt keep them in rng_rank{R}.pt.
-    _write(tmp_path, shards=False)
+    write_checkpoint(tmp_path, shards=False)
     state = torch.load(tmp_path / "training_state.pt", weights_only=False)
     torch.manual_seed(7)
     torch.save(rng_state(), tmp_path / "rng_rank1.pt")
@@ -102,7 +74,7 @@ def test_checkpoint_with_rng_files_of_older_versions_still_resumes(tmp_path):
 
 @pytest.mark.parametrize("victim", ["optimizer_rank1.pt", "training_state.pt", "adapter_model.safetensors", "lorafleet.json"])
 def test_missing_or_empty_file_is_incomplete(tmp_path, victim):
-    _write(tmp_path)
+    write_checkpoint(tmp_path)
     (tmp_path / victim).unlink()
     assert not is_complete(tmp_path)
     (tmp_path / victim).write_bytes(b"")  # a cut-off upload
@@ -121,7 +93,7 @@ def test_state_copied_at_the_checkpoint_step_is_what_gets_written(tmp_path):
     expected_draw = torch.rand(4)
     param.grad = torch.full((3,), -2.0)
     optimizer.step()  # the next training step updates the live tensors in place
-    save_checkpoint(tmp_path, rank=0, step=1, adapter_state=adapter, peft_model=_Peft(), optimizer_state=state, rng_states={0: rng})
+    save_checkpoint(tmp_path, rank=0, step=1, adapter_state=adapter, peft_model=FakePeft(), optimizer_state=state, rng_states={0: rng})
     loaded = load_training_state(tmp_path, rank=0)
     assert torch.equal(loaded["adapter"]["a.lora_A.weight"], expected_weight)
     assert not torch.equal(loaded["adapter"]["a.lora_A.weight"], param.detach())
@@ -173,23 +145,23 @@ def test_checkpoint_thread_yields_the_cpu_and_only_it():
 
 
 def test_shards_need_same_world_size(tmp_path):
-    _write(tmp_path)
+    write_checkpoint(tmp_path)
     with pytest.raises(RuntimeError, match="same scaling.num_workers"):
         load_training_state(tmp_path, rank=2)
 
 
 def test_delete_run_and_listing(tmp_path):
-    run_path, fs = run_location(str(tmp_path), "job-a")
+    location = RunLocation(str(tmp_path), "job-a")
     for name in ("checkpoint_2026-01-01_00-00-02.0", "checkpoint_2026-01-01_00-00-01.0", "other"):
         (tmp_path / "job-a" / name).mkdir(parents=True)
     (tmp_path / "job-a" / "metrics.jsonl").write_text("{}\n")
-    assert [p.rsplit("/", 1)[-1] for p in list_checkpoint_dirs(fs, run_path)] == [
+    assert [p.rsplit("/", 1)[-1] for p in location.checkpoint_dirs()] == [
         "checkpoint_2026-01-01_00-00-01.0",
         "checkpoint_2026-01-01_00-00-02.0",
     ]
-    assert delete_run(str(tmp_path), "job-a") is True
+    assert location.delete() is True
     assert not (tmp_path / "job-a").exists()
-    assert delete_run(str(tmp_path), "job-a") is False
+    assert location.delete() is False
 
 
 def test_deepspeed_config_is_derived_and_merged():

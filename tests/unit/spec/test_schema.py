@@ -8,7 +8,7 @@ import yaml
 
 from lorafleet.spec import JobSpec, SpecError, load_spec, parse_override
 
-from conftest import JOBS
+from helpers.cli import JOBS
 
 
 def write_spec(tmp_path: Path, **sections) -> Path:
@@ -161,8 +161,14 @@ def test_jobs_readme_reference_is_current():
 
 
 def test_every_shipped_job_validates():
-    for path in JOBS.glob("*.yaml"):
-        load_spec(path)
+    paths = sorted(JOBS.glob("*.yaml"))
+    assert {"llama.yaml", "alora.yaml"} <= {p.name for p in paths}
+    for path in paths:
+        spec = load_spec(path)
+        assert spec.name == yaml.safe_load(path.read_text())["name"], path
+        # Relative data paths resolve against the job file, so every shipped job runs from any directory.
+        assert Path(spec.data.path).is_file(), (path, spec.data.path)
+    assert load_spec(JOBS / "alora.yaml").alora is not None
 
 
 def test_cli_wait_without_an_address_is_refused(cli, tmp_path):

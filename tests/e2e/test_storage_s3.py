@@ -11,6 +11,7 @@ any stored object.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -20,21 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SMALL_RUN
-from s3_server import SECRET_KEY, s3_server  # noqa: F401
-
 from lorafleet.runstore.checkpoint import is_complete
 
-pytestmark = pytest.mark.slow
+from helpers.cli import REPO, SMALL_RUN
+from helpers.s3_server import SECRET_KEY
 
 
 @pytest.fixture(scope="module")
-def s3_run(s3_server, tmp_path_factory):  # noqa: F811
-    import os
-
+def s3_run(s3_server, tmp_path_factory):
     prefix = "runs/team-a"
     args = [sys.executable, "-m", "lorafleet.cli", "submit", "jobs/llama.yaml", "--json", "--verbose"]
-    for item in [f"name=s3-job", f"checkpoint.storage=s3://{s3_server.bucket}/{prefix}", *SMALL_RUN]:
+    for item in ["name=s3-job", f"checkpoint.storage=s3://{s3_server.bucket}/{prefix}", *SMALL_RUN]:
         args += ["--set", item]
     snapshot = f"/{s3_server.bucket}/{prefix}/s3-job/checkpoint_manager_snapshot.json"
     registered = threading.Event()
@@ -116,7 +113,7 @@ def test_run_survives_server_outage(s3_run):
     assert summary["adapter_uri"].startswith("s3://lorafleet-test-bucket/runs/team-a/s3-job/checkpoint_")
 
 
-def test_keep_prunes_and_checkpoints_are_complete(s3_run, s3_server):  # noqa: F811
+def test_keep_prunes_and_checkpoints_are_complete(s3_run, s3_server):
     keys = s3_server.keys(s3_run["prefix"])
     # runs/team-a/s3-job/<checkpoint folder>/<file>; the run snapshot (checkpoint_manager_snapshot.json) is a file.
     folders = sorted({k.split("/")[3] for k in keys if k.count("/") == 4 and k.split("/")[3].startswith("checkpoint_")})
@@ -134,7 +131,7 @@ def test_keep_prunes_and_checkpoints_are_complete(s3_run, s3_server):  # noqa: F
     assert s3_run["summary"]["adapter_uri"].endswith(folders[-1])
 
 
-def test_credentials_never_leak(s3_run, s3_server):  # noqa: F811
+def test_credentials_never_leak(s3_run, s3_server):
     assert SECRET_KEY not in s3_run["stdout"]
     assert SECRET_KEY not in s3_run["stderr"]
     assert SECRET_KEY not in json.dumps(s3_run["summary"])

@@ -1,0 +1,85 @@
+"""Ray Train internals lorafleet's checkpoint upload and run settings rely on.
+
+Checked on: ray 2.60.0 (installed; `tests/unit/compat/test_compat_ray.py` exercises each item without a cluster:
+a `StorageContext` is built directly on a temporary folder, as Ray's own doctests do).
+
+Private things touched:
+
+1. `ray.train.get_context().get_storage()`, a DeveloperAPI ("may change without notice between minor versions")
+   returning `ray.train.v2._internal.execution.storage.StorageContext`, an internal class: [`current_storage`].
+2. Of that `StorageContext`: the attribute `storage_filesystem` (the run's pyarrow filesystem) and the methods
+   `build_checkpoint_path_from_name(name)` (the checkpoint folder's path on it) and
+   `persist_current_checkpoint(checkpoint, name)` (Ray Train's own copy): [`storage_filesystem`],
+   [`checkpoint_fs_path`], [`persist_checkpoint`]. lorafleet's `checkpoint_upload_fn`
+   ([`lorafleet.runstore.storage.upload_checkpoint`]) needs the destination Ray Train will register, and Ray passes
+   that function only the checkpoint and the folder name. Gone when Ray passes the destination (filesystem and path)
+   to `checkpoint_upload_fn` or makes `StorageContext` public.
+3. `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`, an undocumented setting read by the Train V2 controller
+   (`ray.train.v2._internal.constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR`, default 2 s) and passed on from the driver
+   to the controller (`ENV_VARS_TO_PROPAGATE`): [`TRAIN_ENV`], [`train_env`]. Gone when the controller registers a
+   worker's report when it arrives instead of on its next poll, or offers the poll interval as a documented option.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# The controller takes at most one report from each worker each time it polls them, every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), so checkpoints that come faster register later and later. On
+# the default job with a checkpoint every 5 steps (0.75 s), the last one became "latest" 35 s after training ended;
+# with polls every 0.5 s, 1.8 s after, and the steps were no slower. A value set in the environment wins (item 3).
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def train_env() -> dict[str, str]:
+    """The Ray Train settings lorafleet's runs use (see `TRAIN_ENV`), a value set in the environment taking precedence.
+
+    Example:
+
+    ```python
+    >>> import os
+    >>> train_env()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    True
+    ```
+    """
+    return {key: os.environ.get(key, value) for key, value in TRAIN_ENV.items()}
+
+
+def current_storage() -> Any:
+    """This Ray Train worker's `StorageContext` (item 1); only valid inside a training function."""
+    # Deferred: `import ray.train` costs about a second, and the CLI imports this module's callers.
+    import ray.train
+
+    return ray.train.get_context().get_storage()
+
+
+def storage_filesystem(storage: Any) -> Any:
+    """The run's pyarrow filesystem, `storage.storage_filesystem` (item 2)."""
+    return storage.storage_filesystem
+
+
+def checkpoint_fs_path(storage: Any, checkpoint_dir_name: str) -> str:
+    """The path, on [`storage_filesystem`], of the run's checkpoint folder `checkpoint_dir_name` (item 2).
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from ray.train.v2._internal.execution.storage import StorageContext
+    >>> root = tempfile.mkdtemp()
+    >>> storage = StorageContext(storage_path=root, experiment_dir_name="run")
+    >>> checkpoint_fs_path(storage, "checkpoint_1") == f"{root}/run/checkpoint_1"
+    True
+    ```
+    """
+    return storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+
+
+def persist_checkpoint(storage: Any, checkpoint: Any, checkpoint_dir_name: str) -> Any:
+    """Ray Train's own copy of a worker's checkpoint into the run's folder (item 2).
+
+    Returns:
+        `ray.train.Checkpoint`: The checkpoint in storage.
+    """
+    return storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)

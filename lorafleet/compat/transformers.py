@@ -1,0 +1,128 @@
+"""transformers internals lorafleet's fused attention forward and its KV-cache reuse rely on.
+
+Checked on: transformers 5.24.0 (installed; `tests/unit/compat/test_compat_transformers.py` exercises each item on
+tiny models of the six families in [`lorafleet.families`]); STACK-NOTES also records 5.23 working.
+
+Private things touched:
+
+1. The module-level functions of each family's modeling file (`transformers.models.<family>.modeling_<family>`,
+   found as `sys.modules[type(attention_module).__module__]`): `apply_rotary_pos_emb`, `eager_attention_forward`
+   and `ALL_ATTENTION_FUNCTIONS` (the `AttentionInterface` the file dispatches through: the global one of
+   `transformers.modeling_utils` in all six families, but the attention-interface guide lets a modeling file declare
+   its own, so it is read from the same module), plus `config._attn_implementation`, which selects the function.
+   Used by [`missing_attention_functions`], [`apply_rotary_pos_emb`] and [`attention_interface`]: lorafleet's fused
+   attention forward replaces only the Q/K/V projections and must otherwise compute what the family's own forward
+   does. Gone when transformers lets a caller replace the attention module's Q/K/V projection step (a public hook
+   between the hidden states and the attention function), so lorafleet need not re-implement the attention forward.
+2. The KV cache's argument (and output field) name: `cache` since 5.24, `past_key_values` before; 5.24 still takes
+   `past_key_values` with a deprecation warning until 5.40. Read from the forward's signature by [`cache_argument`]
+   (`inspect.signature`, public Python, on an argument name transformers only documents per release), and accepted
+   under both names, or positionally, by [`pop_cache_argument`]. Gone when lorafleet requires transformers >= 5.24:
+   then the name is always `cache`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any, Callable
+
+from torch import nn
+
+# What the fused attention forward calls from the family's modeling module (item 1).
+FAMILY_FUNCTIONS = ("apply_rotary_pos_emb", "ALL_ATTENTION_FUNCTIONS", "eager_attention_forward")
+
+
+def _modeling_module(attention: nn.Module):
+    return sys.modules[type(attention).__module__]
+
+
+def missing_attention_functions(attention: nn.Module) -> list[str]:
+    """The [`FAMILY_FUNCTIONS`] the attention module's modeling module lacks (empty when the fused forward can run).
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM
+    >>> from lorafleet.model.families import family_config
+    >>> cfg = family_config("llama", 32, {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+    ...                                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
+    >>> missing_attention_functions(AutoModelForCausalLM.from_config(cfg).model.layers[0].self_attn)
+    []
+    ```
+    """
+    module = _modeling_module(attention)
+    return [name for name in FAMILY_FUNCTIONS if not hasattr(module, name)]
+
+
+def apply_rotary_pos_emb(attention: nn.Module, query, key, cos, sin) -> tuple[Any, Any]:
+    """Rotate `query` and `key` as `attention`'s own forward does (its family's `apply_rotary_pos_emb`).
+
+    Returns:
+        `tuple`: The rotated query and key.
+    """
+    return _modeling_module(attention).apply_rotary_pos_emb(query, key, cos, sin)
+
+
+def attention_interface(attention: nn.Module) -> Callable:
+    """The attention function `attention`'s own forward would call now (per `config._attn_implementation`).
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM
+    >>> from lorafleet.model.families import family_config
+    >>> cfg = family_config("llama", 32, {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+    ...                                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
+    >>> model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    >>> attention_interface(model.model.layers[0].self_attn).__name__
+    'eager_attention_forward'
+    ```
+    """
+    module = _modeling_module(attention)
+    return module.ALL_ATTENTION_FUNCTIONS.get_interface(
+        attention.config._attn_implementation, module.eager_attention_forward
+    )
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The forward argument (and output field) that carries the KV cache: `cache` since transformers 5.24,
+    `past_key_values` before (item 2).
+
+    Args:
+        model (`nn.Module`): A transformers causal LM, or a PEFT model around one.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM
+    >>> from lorafleet.model.families import family_config
+    >>> cfg = family_config("llama", 32, {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+    ...                                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
+    >>> import torch
+    >>> model = AutoModelForCausalLM.from_config(cfg)
+    >>> out = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+    >>> type(getattr(out, cache_argument(model))).__name__
+    'DynamicCache'
+    ```
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+def pop_cache_argument(args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The KV cache an attention module's forward was called with (item 2), removed from `kwargs`.
+
+    The cache is the attention forward's 4th argument (after `hidden_states`, `position_embeddings`,
+    `attention_mask`): `args[0]` when the extra arguments are positional, else the `cache` or `past_key_values`
+    keyword. Both keywords are removed so that neither reaches the attention function with the rest of `kwargs`.
+
+    Example:
+
+    ```python
+    >>> kwargs = {"past_key_values": "kv", "position_ids": None}
+    >>> pop_cache_argument((), kwargs), kwargs
+    ('kv', {'position_ids': None})
+    ```
+    """
+    return args[0] if args else kwargs.pop("cache", kwargs.pop("past_key_values", None))

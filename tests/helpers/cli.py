@@ -1,0 +1,69 @@
+"""The repository's paths, the tiny-run overrides, and `lorafleet` run as a user runs it (a fresh interpreter)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+JOBS = REPO / "jobs"
+FAULTY_CLI = Path(__file__).with_name("faulty_cli.py")
+
+# Overrides that shrink the default job to a few seconds of training: enough to exercise checkpoints, resume and
+# storage, in fp32 so results can be compared bitwise. LoRA dropout is on so that every worker's RNG stream shapes the
+# losses: a resume that restored any worker's RNG state wrongly would show.
+SMALL_RUN = [
+    "lora.dropout=0.1",
+    "kernels.enabled=false",
+    "model.config.num_hidden_layers=2",
+    "model.dtype=float32",
+    "quantization.compute_dtype=float32",
+    "training.dtype=float32",
+    "data.max_length=64",
+    "training.micro_batch_size=4",
+    "training.steps=6",
+    "training.warmup=1",
+    "checkpoint.every_n_steps=2",
+    "checkpoint.keep=2",
+]
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, faults: Sequence[str] = ()
+) -> subprocess.CompletedProcess:
+    """Run `lorafleet ARGS` in a fresh interpreter, the way a user does; `env` is added to this process's environment.
+    `faults` (options of `faulty_cli.py`, e.g. `["--nan-at", "3"]`) injects those faults into the run's workers."""
+    command = [sys.executable, str(FAULTY_CLI), *faults, "--"] if faults else [sys.executable, "-m", "lorafleet.cli"]
+    return subprocess.run(
+        [*command, *args],
+        cwd=cwd or REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def submit_small(
+    name: str, storage, *overrides: str, env: dict | None = None, faults: Sequence[str] = ()
+) -> tuple[subprocess.CompletedProcess, dict]:
+    """`lorafleet submit jobs/llama.yaml --json` with [`SMALL_RUN`] into `storage` (`faults`: see [`run_cli`]); returns
+    the process and the JSON summary (`{}` when nothing was printed)."""
+    sets = [f"name={name}", f"checkpoint.storage={storage}", *SMALL_RUN, *overrides]
+    args = [a for s in sets for a in ("--set", s)]
+    proc = run_cli("submit", "jobs/llama.yaml", "--json", *args, env=env, timeout=600, faults=faults)
+    lines = proc.stdout.strip().splitlines()
+    return proc, json.loads(lines[-1]) if lines else {}
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The single `error: ...` line a refused command prints (exit 2, no traceback); asserts that shape."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]

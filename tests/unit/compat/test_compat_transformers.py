@@ -1,0 +1,104 @@
+"""One test per transformers assumption of `lorafleet.compat.transformers` (checked on transformers 5.24.0), on tiny
+models of every family in the registry.
+
+Each failure message names the assumption, so a transformers upgrade that breaks one says which workaround to revisit.
+"""
+
+import inspect
+import sys
+from typing import Optional
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lorafleet.compat import transformers as compat
+from lorafleet.families import FAMILY_NAMES
+from lorafleet.model.families import family_config
+
+SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+         "num_key_value_heads": 1, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8}
+
+
+def _model(family: str, attn_implementation: Optional[str] = None):
+    """A 1-layer random-init model of `family` (the family's default attention unless one is named)."""
+    torch.manual_seed(0)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return AutoModelForCausalLM.from_config(family_config(family, 64, SMALL), **kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_family_modeling_module_has_the_attention_functions(family):
+    attn = _model(family).model.layers[0].self_attn
+    missing = compat.missing_attention_functions(attn)
+    assert not missing, (
+        f"transformers: {type(attn).__module__} no longer has {missing} (lorafleet.compat.transformers item 1, "
+        "checked 5.24.0); the fused attention forward cannot run for this family"
+    )
+    module = sys.modules[type(attn).__module__]
+    assert all(callable(getattr(module, name)) for name in ("apply_rotary_pos_emb", "eager_attention_forward"))
+
+
+def test_attention_interface_follows_attn_implementation():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    eager = _model("llama", "eager").model.layers[0].self_attn
+    sdpa = _model("llama", "sdpa").model.layers[0].self_attn
+    assert compat.attention_interface(eager) is sys.modules[type(eager).__module__].eager_attention_forward, (
+        "transformers: config._attn_implementation='eager' no longer selects the modeling file's "
+        "eager_attention_forward through ALL_ATTENTION_FUNCTIONS.get_interface (lorafleet.compat.transformers item 1, "
+        "checked 5.24.0)"
+    )
+    assert compat.attention_interface(sdpa) is sdpa_attention_forward, (
+        "transformers: config._attn_implementation='sdpa' no longer selects sdpa_attention_forward through "
+        "ALL_ATTENTION_FUNCTIONS.get_interface (lorafleet.compat.transformers item 1, checked 5.24.0)"
+    )
+
+
+def test_apply_rotary_pos_emb_takes_query_key_cos_sin():
+    model = _model("llama")
+    attn = model.model.layers[0].self_attn
+    q, k = torch.randn(1, 2, 5, 16), torch.randn(1, 1, 5, 16)
+    positions = torch.arange(5)[None]
+    cos, sin = model.model.rotary_emb(q, positions)
+    q_rot, k_rot = compat.apply_rotary_pos_emb(attn, q, k, cos, sin)
+    # Position 0 is not rotated; later positions are, and rotation keeps each head vector's norm.
+    assert torch.allclose(q_rot[..., 0, :], q[..., 0, :]) and torch.allclose(k_rot[..., 0, :], k[..., 0, :]), (
+        "transformers: apply_rotary_pos_emb(q, k, cos, sin) no longer rotates as RoPE (lorafleet.compat.transformers "
+        "item 1, checked 5.24.0)"
+    )
+    assert not torch.allclose(q_rot[..., 1:, :], q[..., 1:, :])
+    torch.testing.assert_close(q_rot.norm(dim=-1), q.norm(dim=-1))
+
+
+def test_cache_argument_name_matches_forward_and_output():
+    from transformers.cache_utils import Cache
+
+    model = _model("llama")
+    name = compat.cache_argument(model)
+    assert name in inspect.signature(type(model).forward).parameters, (
+        f"transformers: the causal LM's forward has no `{name}` argument (lorafleet.compat.transformers item 2, "
+        "checked 5.24.0: `cache`, `past_key_values` before 5.24)"
+    )
+    with torch.no_grad():
+        first = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+        cache = getattr(first, name, None)
+        assert isinstance(cache, Cache), (
+            f"transformers: the forward's output no longer carries the KV cache as `{name}` "
+            "(lorafleet.compat.transformers item 2, checked 5.24.0)"
+        )
+        model(input_ids=torch.tensor([[4]]), use_cache=True, **{name: cache})
+    assert cache.get_seq_length() == 4, f"transformers: the `{name}` argument did not receive the cache"
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_attention_forward_takes_the_cache_fourth(family):
+    attn = _model(family).model.layers[0].self_attn
+    params = list(inspect.signature(type(attn).forward).parameters)
+    assert params[1:5] == ["hidden_states", "position_embeddings", "attention_mask", "cache"] or params[1:5] == [
+        "hidden_states", "position_embeddings", "attention_mask", "past_key_values"
+    ], (
+        f"transformers: {type(attn).__name__}.forward is no longer (hidden_states, position_embeddings, "
+        f"attention_mask, cache, ...) (lorafleet.compat.transformers item 2, pop_cache_argument; checked 5.24.0): "
+        f"{params}"
+    )
