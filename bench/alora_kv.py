@@ -3,7 +3,7 @@
 Same base model, same run. The base model prefills a conversation of N tokens (not timed: a serving stack already
 holds that cache). Then the adapter is invoked:
 
-- aLoRA ([`~lorafleet.generate.continue_with_adapter`] with the base cache): only the invocation tokens are computed;
+- aLoRA ([`~lorafleet.infer.generate.continue_with_adapter`] with the base cache): only the invocation tokens are computed;
 - LoRA (same rank and targets, no invocation): the adapter changes every token, so the whole context plus the
   invocation is prefilled again.
 

@@ -60,12 +60,13 @@ def merge(adapter_uri: str, out_dir: str, endpoint, verbose: bool) -> None:
     """Merge a LoRA adapter into its base model (refused for aLoRA adapters)."""
     configure_console(verbose)
     from lorafleet.infer.merge import MergeRefused, merge_adapter
+    from lorafleet.runstore.checkpoint import CheckpointError
 
     try:
         path = merge_adapter(adapter_uri, out_dir, endpoint=endpoint)
     except MergeRefused as exc:
         fail(str(exc))
-    except (FileNotFoundError, OSError) as exc:
+    except (FileNotFoundError, OSError, CheckpointError) as exc:
         fail(f"--adapter: cannot load {adapter_uri}: {str(exc).splitlines()[0]}")
     click.echo(str(path))
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 import click
 
@@ -23,6 +25,61 @@ def load_or_fail(spec_path: str, overrides: tuple[str, ...]):
         return load_spec(spec_path, overrides)
     except SpecError as exc:
         fail(*exc.problems)
+
+
+class StopOnSignal:
+    """While a local run trains: Ctrl-C (SIGINT) and SIGTERM stop it cleanly instead of killing the command.
+
+    The first signal raises `KeyboardInterrupt` in the main thread, which [`~lorafleet.train.driver.run_job`] turns
+    into a clean stop (workers stopped, Ray shut down, the run's lease released) and an `interrupted` summary; the
+    signal is kept for the exit code (128 + its number: 130 for SIGINT, 143 for SIGTERM). A second signal while the
+    run stops ends the command at once, leaving that cleanup undone (Ray reaps its own processes; the lease goes stale).
+
+    Args:
+        job (`str`):
+            The job's name, for the line a second signal prints.
+
+    Example:
+
+    ```python
+    >>> with StopOnSignal("demo") as stop:
+    ...     try:
+    ...         os.kill(os.getpid(), signal.SIGTERM)
+    ...     except KeyboardInterrupt:
+    ...         print("stopping")
+    stopping
+    >>> stop.exit_code
+    143
+    ```
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, job: str):
+        self.job = job
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal received (130 when the interrupt came some other way)."""
+        return 128 + (self.signum or signal.SIGINT)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            raise KeyboardInterrupt
+        os.write(2, f"lorafleet: {self.job}: second signal: exiting without cleaning up\n".encode())
+        os._exit(128 + signum)
+
+    def __enter__(self) -> StopOnSignal:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 set_option = click.option(
@@ -44,9 +101,11 @@ set_option = click.option(
 @click.option(
     "--address",
     default=None,
-    metavar="URL",
-    help="Submit through the Jobs API of the cluster whose dashboard is at URL (http://HEAD:8265); "
-    "default: RAY_ADDRESS when it is such a URL, else run here.",
+    metavar="ADDRESS",
+    help="Where the job runs. http://HEAD:8265: hand it to that cluster's Jobs API. HOST:PORT or auto: join that "
+    "Ray cluster from here (said in one line); this shell's storage settings (AWS_*, STORAGE_EMULATOR_HOST, "
+    "GOOGLE_APPLICATION_CREDENTIALS) go to its workers in the job's runtime environment. Default: RAY_ADDRESS, "
+    "else a Ray instance started for this job alone, never one already running here (ray start).",
 )
 @click.option("--wait", is_flag=True,
               help="With a Jobs API address: follow the job to the end (default: print its id).")
@@ -56,7 +115,8 @@ def submit(
 ) -> None:
     """Validate JOB.yaml and run it on Ray Train until it finishes (or hand it to a cluster with --address).
 
-    Re-submitting a job with the same name and storage continues from its latest checkpoint.
+    Re-submitting a job with the same name and storage continues from its latest checkpoint, unless its data
+    changed since (refused; --fresh starts over). Storage that cannot be written is refused before anything starts.
     """
     configure_console(verbose)
     spec = load_or_fail(spec_path, overrides)
@@ -77,12 +137,30 @@ def submit(
         f"{spec.training.steps} steps, storage {spec.storage_uri}",
         err=True,
     )
+    stop = StopOnSignal(spec.name)
     try:
-        summary = run_job(spec, on_progress=view.update, verbose=verbose, fresh=fresh)
+        with stop:
+            summary = run_job(spec, address=address, on_progress=view.update, verbose=verbose, fresh=fresh)
     except SpecError as exc:
         fail(*exc.problems)
+    except KeyboardInterrupt:
+        # Before training started or after it ended: the run's checkpoints are as they were.
+        view.close()
+        click.echo(f"lorafleet: {spec.name}: interrupted; re-submit the same command to resume", err=True)
+        sys.exit(stop.exit_code)
     finally:
         view.close()
+    if summary.status == "interrupted":
+        where = f"at step {summary.steps}" if summary.steps else "before its first step"
+        resume = (
+            f"resume from step {summary.resume_step}"
+            if summary.resume_step
+            else "start over (no checkpoint was complete yet)"
+        )
+        click.echo(f"lorafleet: {spec.name}: interrupted {where}; re-submit the same command to {resume}", err=True)
+        if as_json:
+            click.echo(json.dumps(summary.to_dict()))
+        sys.exit(stop.exit_code)
     if summary.status == "succeeded":
         click.echo(
             f"lorafleet: {spec.name}: done, loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}"

@@ -5,6 +5,7 @@
 - [`lorafleet.compat.ray`]: Ray Train's storage context and the controller's poll interval.
 - [`lorafleet.compat.bitsandbytes`]: the in-place CPU weight repack of `Linear4bit`.
 - [`lorafleet.compat.accelerate`]: saving a model without importing DeepSpeed.
+- [`lorafleet.compat.deepspeed`]: restoring a worker's ZeRO optimizer state from its own shard.
 
 Each module's docstring lists the private names it touches, the versions they were checked on, and the upstream
 change that would let the workaround go. `tests/unit/compat/` holds one test per assumption, each failing with a

@@ -18,6 +18,10 @@ Private things touched:
    (`ray.train.v2._internal.constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR`, default 2 s) and passed on from the driver
    to the controller (`ENV_VARS_TO_PROPAGATE`): [`TRAIN_ENV`], [`train_env`]. Gone when the controller registers a
    worker's report when it arrives instead of on its next poll, or offers the poll interval as a documented option.
+4. `RAY_JOB_CONFIG_JSON_ENV_VAR`, the variable (`ray._private.runtime_env.constants`) through which the Jobs API's
+   job supervisor hands an entrypoint its job's runtime environment; `ray.init(runtime_env=...)` in that entrypoint
+   is merged with it and raises on an `env_vars` key both set (`ray.runtime_env.runtime_env._merge_runtime_env`):
+   [`in_submitted_job`]. Gone when Ray says publicly whether a driver runs as a submitted job.
 """
 
 from __future__ import annotations
@@ -44,6 +48,23 @@ def train_env() -> dict[str, str]:
     ```
     """
     return {key: os.environ.get(key, value) for key, value in TRAIN_ENV.items()}
+
+
+def in_submitted_job() -> bool:
+    """Whether this process is the entrypoint of a job submitted through the Jobs API (item 4): its job already has a
+    runtime environment, which a driver's own must not repeat.
+
+    Example:
+
+    ```python
+    >>> in_submitted_job()
+    False
+    ```
+    """
+    # Deferred: a Ray import, and only the driver asks, once, just before ray.init.
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    return RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ
 
 
 def current_storage() -> Any:

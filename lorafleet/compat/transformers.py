@@ -19,6 +19,13 @@ Private things touched:
    (`inspect.signature`, public Python, on an argument name transformers only documents per release), and accepted
    under both names, or positionally, by [`pop_cache_argument`]. Gone when lorafleet requires transformers >= 5.24:
    then the name is always `cache`.
+3. The refusal `from_pretrained(..., attn_implementation="sdpa")` raises for a model class without SDPA support (its
+   private `_supports_sdpa` flag is False: `Gemma2ForCausalLM` since 5.24, because SDPA cannot soft-cap attention
+   logits): a `ValueError` whose message names `scaled_dot_product_attention`, raised while the model is constructed,
+   before any weight is read. Recognized by [`refuses_sdpa`], so that model building can ask for SDPA and fall back to
+   eager attention on exactly this refusal: a hub model's class is only known once transformers resolves it, which
+   is why the flag is not read beforehand. Gone when transformers offers a public way to ask a config (or model
+   class) which attention implementations it supports, or falls back by itself when asked for `sdpa`.
 """
 
 from __future__ import annotations
@@ -126,3 +133,32 @@ def pop_cache_argument(args: tuple, kwargs: dict[str, Any]) -> Any:
     ```
     """
     return args[0] if args else kwargs.pop("cache", kwargs.pop("past_key_values", None))
+
+
+def refuses_sdpa(error: BaseException) -> bool:
+    """Whether `error` is transformers refusing `attn_implementation="sdpa"` for a model class that has no SDPA
+    attention (item 3), rather than any other failure of `from_pretrained`.
+
+    Args:
+        error (`BaseException`): What `from_pretrained` / `from_config` raised.
+
+    Returns:
+        `bool`: True for the SDPA refusal only.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM
+    >>> from lorafleet.model.families import family_config
+    >>> cfg = family_config("gemma2", 64, {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+    ...                                    "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
+    >>> try:
+    ...     AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    ... except ValueError as error:
+    ...     print(refuses_sdpa(error))
+    True
+    >>> refuses_sdpa(ValueError("bnb_4bit_quant_type must be nf4 or fp4"))
+    False
+    ```
+    """
+    return isinstance(error, ValueError) and "scaled_dot_product_attention" in str(error)

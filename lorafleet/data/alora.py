@@ -135,7 +135,7 @@ def find_invocation(ids: Union[Sequence[int], torch.Tensor], invocation: Sequenc
 
 @dataclass
 class Invocation:
-    """What [`~lorafleet.data.prepare_samples`] needs to turn samples into aLoRA training samples.
+    """What [`~lorafleet.data.encode.prepare_samples`] needs to turn samples into aLoRA training samples.
 
     Args:
         tokens (`list[int]`): The invocation ids ([`resolve_invocation`]).

@@ -64,11 +64,11 @@ def prepare_samples(
     Args:
         spec ([`~lorafleet.spec.DataSpec`]): The job's `data` section (format, max_length, packing, train_on_inputs).
         tokenizer ([`~transformers.PreTrainedTokenizerFast`]):
-            lorafleet's ([`~lorafleet.tokenizer.load_tokenizer`]) or a model's own. For chat data a foreign
+            lorafleet's ([`~lorafleet.data.tokenizer.load_tokenizer`]) or a model's own. For chat data a foreign
             tokenizer needs a chat template that renders each conversation as a prefix of the next.
         records (`Sequence[dict]`, *optional*): Already loaded records; defaults to `load_records(spec)`.
         return_stats (`bool`, *optional*, defaults to `False`): Also return a [`DataStats`].
-        invocation ([`~lorafleet.alora.Invocation`], *optional*):
+        invocation ([`~lorafleet.data.alora.Invocation`], *optional*):
             For aLoRA jobs: each sample (after truncation) must contain the invocation; its last occurrence start is
             kept as `"alora_start"` and only labels after the invocation are trained. Samples without it are refused
             with a [`SpecError`] naming them, or dropped when `invocation.drop_missing`.

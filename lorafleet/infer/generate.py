@@ -23,14 +23,17 @@ from lorafleet.compat.transformers import cache_argument
 from lorafleet.data.alora import find_invocation
 from lorafleet.model.build import load_tokenizer_for
 from lorafleet.model.device import torch_dtype
-from lorafleet.runstore.checkpoint import ADAPTER_FILES
+from lorafleet.runstore.checkpoint import ADAPTER_FILES, INFO_FILE, check_adapter
 from lorafleet.runstore.location import fetch_files, split_uri
 
 
 def fetch_adapter(uri: str, endpoint: Optional[str] = None) -> Path:
     """A local directory holding the adapter at `uri` (a local path, `file://`, `s3://` or `gs://`).
 
-    Remote adapters are copied (only `adapter_config.json` and `adapter_model.safetensors`) to a temporary directory.
+    Remote adapters are copied (only `adapter_config.json` and `adapter_model.safetensors`, and the checkpoint's
+    `lorafleet.json` where there is one) to a temporary directory. Either way the files are checked first
+    ([`~lorafleet.runstore.checkpoint.check_adapter`]: against the sizes and checksums they were written with, where
+    `lorafleet.json` records them), so a damaged adapter is refused before the base model loads.
 
     Args:
         uri (`str`): What `lorafleet submit` printed as `adapter:`, or any PEFT adapter directory.
@@ -38,15 +41,21 @@ def fetch_adapter(uri: str, endpoint: Optional[str] = None) -> Path:
 
     Returns:
         `Path`: The directory.
+
+    Raises:
+        `FileNotFoundError`: No adapter at `uri`.
+        [`~lorafleet.runstore.checkpoint.CheckpointError`]: A damaged adapter file (cut off, corrupted).
     """
     scheme, path = split_uri(uri)
     if scheme == "":
         local = Path(path)
         if not (local / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{uri}: no adapter_config.json (not a PEFT adapter directory)")
+        check_adapter(local)
         return local
     target = Path(tempfile.mkdtemp(prefix="lorafleet-adapter-"))
-    fetch_files(uri, ADAPTER_FILES, target, endpoint=endpoint)
+    fetch_files(uri, (*ADAPTER_FILES, INFO_FILE), target, endpoint=endpoint, optional=(INFO_FILE,))
+    check_adapter(target)
     return target
 
 

@@ -147,7 +147,7 @@ def alora_active(offsets: Any, x: torch.Tensor) -> torch.Tensor:
     Args:
         offsets (`list`, `torch.BoolTensor` or `None`): What PEFT passes as `alora_offsets`: per-row offsets
             (`None` entries: no invocation in that row), a per-token bool mask (lorafleet's packed rows, see
-            [`~lorafleet.alora.activation`]), or `None` (no activation anywhere: the base model's output).
+            [`~lorafleet.model.alora.activation`]), or `None` (no activation anywhere: the base model's output).
         x (`torch.Tensor`): The layer input, `[batch, tokens, in]` or `[batch, in]`.
 
     Returns:

@@ -19,6 +19,7 @@ import torch
 
 from lorafleet.compat.accelerate import unwrap_without_deepspeed
 from lorafleet.compat.bitsandbytes import disable_cpu_repack
+from lorafleet.compat.transformers import refuses_sdpa
 from lorafleet.data.tokenizer import load_tokenizer
 from lorafleet.kernels import KernelPlan, apply_kernels
 from lorafleet.model.device import torch_dtype
@@ -181,18 +182,46 @@ def make_bnb_deterministic(model: torch.nn.Module) -> int:
 
 
 def load_base_model(spec: JobSpec, base: str, device: torch.device | str = "cpu"):
-    """Load the frozen base causal LM through `from_pretrained`, 4-bit unless `quantization.type: none`."""
+    """Load the frozen base causal LM through `from_pretrained`, 4-bit unless `quantization.type: none`.
+
+    Attention runs through PyTorch's SDPA where the model class supports it and through the family's own eager
+    attention where transformers refuses SDPA for it (gemma2 since transformers 5.24: SDPA cannot soft-cap attention
+    logits). transformers decides, per model class, so a hub model gets the same choice; the fused attention forward
+    dispatches to whichever implementation the loaded config names.
+
+    Example:
+
+    ```python
+    >>> from lorafleet.spec import load_spec
+    >>> from lorafleet.compat.transformers import attention_interface
+    >>> spec = load_spec("jobs/llama.yaml", ["model.architecture=gemma2", "model.config.num_hidden_layers=1"])
+    >>> model = load_base_model(spec, resolve_base_model(spec))
+    >>> attention_interface(model.model.layers[0].self_attn).__name__
+    'eager_attention_forward'
+    ```
+    """
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        base,
-        quantization_config=quantization_config(spec, device),
-        dtype=torch_dtype(spec.model.dtype, device),
-        device_map={"": device.index if device.type == "cuda" and device.index is not None else device.type},
-        attn_implementation="sdpa",
-        trust_remote_code=spec.model.trust_remote_code,
-    )
+
+    def load(attention: str):
+        return AutoModelForCausalLM.from_pretrained(
+            base,
+            quantization_config=quantization_config(spec, device),  # fresh each time: from_pretrained may edit it
+            dtype=torch_dtype(spec.model.dtype, device),
+            device_map={"": device.index if device.type == "cuda" and device.index is not None else device.type},
+            attn_implementation=attention,
+            trust_remote_code=spec.model.trust_remote_code,
+        )
+
+    try:
+        model = load("sdpa")
+    except ValueError as error:
+        # Raised while the model is constructed, before any weight is read: the retry loads the weights only once.
+        if not refuses_sdpa(error):
+            raise
+        logger.info("transformers has no SDPA attention for %s; loading it with eager attention", base)
+        model = load("eager")
     make_bnb_deterministic(model)
     model.config.use_cache = False
     return model

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from lorafleet.compat.ray import train_env
-from lorafleet.runstore.checkpoint import ADAPTER_FILES, INFO_FILE
+from lorafleet.runstore.checkpoint import ADAPTER_FILES, INFO_FILE, check_adapter
 from lorafleet.runstore.location import fetch_files
 
 STEP_MARK = "LORAFLEET_STEP "
@@ -373,7 +373,7 @@ def submit_remote(
         wait (`bool`, *optional*, defaults to `False`):
             Follow the job's logs until it ends.
         on_progress (`Callable[[dict], None]`, *optional*):
-            With `wait`: called with each step's metrics, as [`~lorafleet.driver.run_job`] does locally.
+            With `wait`: called with each step's metrics, as [`~lorafleet.train.driver.run_job`] does locally.
         on_line (`Callable[[str], None]`, *optional*):
             With `wait`: called with the job's other log lines.
         on_submitted (`Callable[[str], None]`, *optional*):
@@ -467,7 +467,8 @@ def copy_adapter(uri: str, dest: Path, endpoint: Optional[str] = None) -> list[s
 
 
 def verify_adapter(directory: str | Path) -> int:
-    """Check that `directory` is a loadable PEFT LoRA adapter; return its tensor count.
+    """Check that `directory` is a loadable PEFT LoRA adapter, its files as they were written (against the sizes and
+    checksums in `lorafleet.json`, when the directory has it); return its tensor count.
 
     Example:
 
@@ -481,6 +482,7 @@ def verify_adapter(directory: str | Path) -> int:
 
     directory = Path(directory)
     try:
+        check_adapter(directory)
         config = PeftConfig.from_pretrained(str(directory))
         tensors = load_file(str(directory / "adapter_model.safetensors"))
     except Exception as exc:  # noqa: BLE001 - any parse failure means a broken download

@@ -1,20 +1,25 @@
 """Where a run lives: [`RunLocation`], the one object derived from `checkpoint.storage`, the job name and the endpoint.
 
 Everything that needs the run's folder asks it: Ray Train's `RunConfig` (storage path and filesystem), the driver
-(URIs for people, orphan cleanup, `--fresh`, the reachability probe between retries), monitoring (`metrics.jsonl`,
+(URIs for people, orphan cleanup, `--fresh`, the write probe before a run starts, the latest checkpoint's
+`lorafleet.json`, the reachability probe between retries), monitoring (`metrics.jsonl`,
 `loss.png`) and `lorafleet report`. [`fetch_files`] reads a checkpoint's files by URI, for `lorafleet pull` and
 `load_adapter`.
 
 Object stores go through pyarrow filesystems (what Ray Train itself uses). Endpoint and credentials come from the
 standard environment variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...) or `checkpoint.endpoint`; they are
-never part of a path, so they never reach logs, summaries or checkpoints.
+never part of a path, so they never reach logs, summaries or checkpoints. [`storage_env`] names the variables a
+joined cluster's workers are given.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import shutil
+import uuid
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -33,6 +38,66 @@ PLOT_FILE = "loss.png"
 
 # Files are copied in chunks of this size, as Ray Train copies checkpoints: an adapter never has to fit in memory.
 _CHUNK = 64 * 1024 * 1024
+
+
+# What [`RunLocation.write_problem`] writes (and deletes again) in a run folder: a name no run file has.
+PROBE_PREFIX = ".lorafleet-write-probe-"
+
+
+# The environment variables the storage clients read besides every `AWS_*` one: the GCS emulator (read by
+# [`filesystem_for`]) and the Google credentials file (read by pyarrow's GCS client).
+_STORAGE_ENV = ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def storage_env() -> dict[str, str]:
+    """The storage settings of this process's environment that a run's Ray processes need as well: every `AWS_*`
+    variable (credentials, region, `AWS_ENDPOINT_URL`, profile), `STORAGE_EMULATOR_HOST` and
+    `GOOGLE_APPLICATION_CREDENTIALS`.
+
+    The driver hands them to a joined cluster's workers in the job's runtime environment; they hold credentials, so
+    they go nowhere else (no spec, summary, log line or checkpoint). `checkpoint.endpoint` needs no variable: it
+    travels with the spec and the run's filesystem object.
+
+    Returns:
+        `dict[str, str]`: The variables that are set, by name.
+
+    Example:
+
+    ```python
+    >>> all(name.startswith("AWS_") or name in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")
+    ...     for name in storage_env())
+    True
+    >>> "PATH" in storage_env()
+    False
+    ```
+    """
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k in _STORAGE_ENV}
+
+
+def storage_error_cause(exc: BaseException) -> str:
+    """The cause of a storage error in a few words, for a one-line message: the OS's words for a local error
+    (`Not a directory`), the error code and message of an object store's (`NO_SUCH_BUCKET: The specified bucket
+    does not exist`), never the request ids and client details around them.
+
+    Example:
+
+    ```python
+    >>> storage_error_cause(NotADirectoryError(20, "Cannot create directory '/x/f/runs'. Detail: [errno 20] ..."))
+    'Not a directory'
+    >>> storage_error_cause(OSError("When uploading object with key 'r/m' in bucket 'b': AWS Error NO_SUCH_BUCKET "
+    ...                             "during PutObject operation: The specified bucket does not exist (Request ID: X)"))
+    'NO_SUCH_BUCKET: The specified bucket does not exist'
+    ```
+    """
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    aws = re.search(r"AWS Error (\w+) during \w+ operation: (.*)", text)
+    if aws:
+        # The message ends with the request id, and a network error's with the client's own details.
+        message = re.split(r" \(Request ID|; Details:", aws.group(2))[0].strip()
+        return f"{aws.group(1)}: {message}" if message else aws.group(1)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -262,6 +327,70 @@ class RunLocation:
             self.filesystem.create_dir(self.path, recursive=True)
         with self.filesystem.open_output_stream(f"{self.path}/{name}") as out:
             out.write(data)
+
+    def write_problem(self) -> Optional[str]:
+        """Why the run folder cannot be written, or `None` when it can: writes a small marker file there and deletes
+        it again, as the run will write and prune checkpoints.
+
+        A missing bucket, refused credentials, a local path under a file or without permission, an endpoint that does
+        not answer: each is found here, before a job starts, instead of by its workers. (A local run folder is created
+        on the way, as Ray Train would create it.)
+
+        Returns:
+            `str` or `None`: The cause in a few words ([`storage_error_cause`]), `None` if writing works.
+
+        Example:
+
+        ```python
+        >>> RunLocation("/tmp/lorafleet-doc-runs", "demo").write_problem() is None
+        True
+        >>> open("/tmp/lorafleet-doc-file", "w").close()
+        >>> RunLocation("/tmp/lorafleet-doc-file/runs", "demo").write_problem()
+        'Not a directory'
+        ```
+        """
+        marker = f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}"
+        try:
+            self.write(marker, b"lorafleet checks that it can write here; this file is deleted again\n")
+        except (OSError, ValueError) as exc:  # ValueError: pyarrow's refusal of a malformed bucket name
+            return storage_error_cause(exc)
+        try:
+            self.filesystem.delete_file(f"{self.path}/{marker}")
+        except (OSError, ValueError) as exc:
+            return f"a file can be written but not deleted ({storage_error_cause(exc)})"
+        return None
+
+    def latest_checkpoint_json(self, name: str) -> Optional[tuple[str, dict[str, Any]]]:
+        """The newest checkpoint folder holding a readable JSON file `name`, and that file's content.
+
+        With `lorafleet.json` (`lorafleet.runstore.checkpoint.INFO_FILE`): what a re-submitted job would resume from,
+        its step and the fingerprint of the data it was trained on. (The name is passed in: this module stays free of
+        the checkpoint module's torch import.)
+
+        Args:
+            name (`str`):
+                A JSON file of a checkpoint folder.
+
+        Returns:
+            `tuple[str, dict]` or `None`: The folder's path on [`filesystem`] and the file's object; `None` when no
+            checkpoint of the run has it.
+
+        Example:
+
+        ```python
+        >>> RunLocation("/tmp/lorafleet-doc-runs", "never-ran").latest_checkpoint_json("lorafleet.json") is None
+        True
+        ```
+        """
+        for path in reversed(self.checkpoint_dirs()):
+            try:
+                with self.filesystem.open_input_stream(f"{path}/{name}") as stream:
+                    content = json.loads(stream.read())
+            except (OSError, ValueError):
+                continue  # a checkpoint cut off before the file arrived: resume skips it too
+            if isinstance(content, dict):
+                return path, content
+        return None
 
 
 def fetch_files(

@@ -1,29 +1,44 @@
 """The driver: check everything a run needs, start (or join) Ray, run the `TorchTrainer`, summarize.
 
 [`run_job`] is what `lorafleet submit` and notebooks call. It refuses a bad spec or bad data with a
-[`~lorafleet.spec.SpecError`] *before* Ray starts, so nothing is scheduled and nothing in storage is touched.
+[`~lorafleet.spec.SpecError`] *before* Ray starts, so nothing is scheduled and nothing in storage is touched; so are
+storage it cannot write and a re-submit whose data differs from what its checkpoints were trained on ([`preflight`]).
+
+Where it runs is decided, never guessed: without an address, on a Ray instance started for the job alone (never on
+one that happens to run on this machine, whose workers would lack this shell's environment); with `--address` or
+`RAY_ADDRESS`, on that cluster, announced in one line, the storage settings going to its workers in the job's runtime
+environment ([`start_ray`]).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import queue as _queue
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
-from lorafleet.compat.ray import train_env
+from pyarrow import fs
+
+from lorafleet.compat.ray import in_submitted_job, train_env
+from lorafleet.data.dataset import TrainingData
 from lorafleet.model.build import load_tokenizer_for, resolve_base_model
-from lorafleet.runstore.location import RunLocation
+from lorafleet.runstore.checkpoint import INFO_FILE, expected_files
+from lorafleet.runstore.lease import RunLease
+from lorafleet.runstore.location import RunLocation, storage_env
 from lorafleet.runstore.monitoring import write_run_artifacts
 from lorafleet.runstore.storage import UPLOAD_RETRY_S
 from lorafleet.spec import JobSpec, SpecError
 from lorafleet.train.worker import (
     StepHook,
-    TrainingData,
     WorkerInputs,
     train_loop_per_worker,
 )
@@ -50,11 +65,15 @@ class RunSummary:
     error: Optional[str] = None
     # A re-submitted run whose latest checkpoint already reached `training.steps`: nothing was trained.
     already_complete: bool = False
+    # An interrupted run (`status` "interrupted"): the step of its last complete checkpoint, where a re-submit resumes.
+    resume_step: Optional[int] = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         if out["error"] is None:
             out.pop("error")
+        if out["status"] != "interrupted":
+            out.pop("resume_step")
         if not out["already_complete"]:
             out.pop("already_complete")
         return out
@@ -78,7 +97,7 @@ def prepare(spec: JobSpec) -> Prepared:
             The validated spec.
 
     Returns:
-        [`Prepared`]: the base model location and the [`~lorafleet.train.worker.TrainingData`].
+        [`Prepared`]: the base model location and the [`~lorafleet.data.dataset.TrainingData`].
 
     Raises:
         [`~lorafleet.spec.SpecError`]: For data that cannot be trained on (bad records, nothing to train).
@@ -90,28 +109,230 @@ def prepare(spec: JobSpec) -> Prepared:
     except OSError as exc:
         raise SpecError(f"model.name_or_path: cannot load a tokenizer from '{base}' ({str(exc).splitlines()[0]})") from None
 
+    # Fingerprinted before reading: were the file to change in between, the checkpoints would claim the older
+    # content, and the next submit would see a change rather than miss one.
+    source = data_fingerprint(spec.data.path)
     # aLoRA: the invocation must tokenize to something, and every sample must contain it (or be dropped on request);
     # checked here so a bad invocation or bad data fails at submit time, never as a sample silently trained as base.
-    return Prepared(spec=spec, base=base, data=TrainingData.from_spec(spec, tokenizer, warn=True))
+    data = TrainingData.from_spec(spec, tokenizer, warn=True)
+    data.source = source
+    return Prepared(spec=spec, base=base, data=data)
 
 
-def start_ray(address: Optional[str] = None, verbose: bool = False) -> None:
-    """Join the Ray cluster at `address` (or `RAY_ADDRESS`), or start an embedded local instance."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_fingerprint(path: str | Path) -> dict[str, Any]:
+    """What identifies the content of a job's data: the size and sha256 of the data file, or of each file of a data
+    folder (a `datasets` save), by path inside it. Names of the file and folder do not count, so a copy (what a
+    remote job trains on) has the same fingerprint. Every checkpoint records it in `lorafleet.json` (`data`).
+
+    Hashing reads the data once more: ~0.1 s for 100 MB.
+
+    Args:
+        path (`str` or `Path`):
+            `data.path`.
+
+    Returns:
+        `dict`: `{"size": int, "sha256": str}` for a file; `{"files": {relative path: {"size", "sha256"}}}` for a
+        folder (files whose name starts with `.` left out).
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "train.jsonl").write_text('{"text": "hello"}')
+    >>> data_fingerprint(folder / "train.jsonl")["size"]
+    17
+    >>> list(data_fingerprint(folder)["files"])
+    ['train.jsonl']
+    ```
+    """
+    path = Path(path)
+    if path.is_file():
+        return {"size": path.stat().st_size, "sha256": _sha256(path)}
+    files = sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    return {"files": {p.relative_to(path).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+
+
+def data_change(recorded: dict[str, Any], current: dict[str, Any]) -> Optional[str]:
+    """How the data changed between two [`data_fingerprint`]s, in a few words, or `None` if it did not.
+
+    Example:
+
+    ```python
+    >>> data_change({"size": 10, "sha256": "ab"}, {"size": 12, "sha256": "cd"})
+    'size 10 -> 12 bytes'
+    >>> data_change({"files": {"a": {"size": 1, "sha256": "x"}}}, {"files": {"a": {"size": 1, "sha256": "y"}}})
+    'a changed'
+    >>> data_change({"size": 10, "sha256": "ab"}, {"size": 10, "sha256": "ab"}) is None
+    True
+    ```
+    """
+    if recorded == current:
+        return None
+    if "sha256" in recorded and "sha256" in current:
+        if recorded.get("size") != current.get("size"):
+            return f"size {recorded.get('size')} -> {current.get('size')} bytes"
+        return f"same size, different content (sha256 {str(recorded['sha256'])[:12]}... -> {current['sha256'][:12]}...)"
+    if "files" in recorded and "files" in current:
+        old, new = recorded["files"], current["files"]
+        changes = [f"{name} changed" for name in sorted(old.keys() & new.keys()) if old[name] != new[name]]
+        changes += [f"{name} added" for name in sorted(new.keys() - old.keys())]
+        changes += [f"{name} removed" for name in sorted(old.keys() - new.keys())]
+        shown = ", ".join(changes[:3])
+        return shown + (f" and {len(changes) - 3} more" if len(changes) > 3 else "")
+    return "was a folder, now a file" if "files" in recorded else "was a file, now a folder"
+
+
+def preflight(prepared: Prepared, location: RunLocation, fresh: bool = False) -> None:
+    """The checks on the run's storage before anything starts: the run folder can be written (a marker file written
+    and deleted again), and, unless `fresh`, a run that already has checkpoints was trained on the same data.
+
+    A job re-submitted with the same name and storage resumes from its latest checkpoint; over different data, the
+    same step would select other samples, and the adapter would silently mix two data sets. Checkpoints written before
+    lorafleet recorded fingerprints have none, and resume unchecked.
+
+    Args:
+        prepared ([`Prepared`]):
+            The prepared job (its data's fingerprint, `data.source`).
+        location ([`~lorafleet.runstore.location.RunLocation`]):
+            The run's location.
+        fresh (`bool`, *optional*, defaults to `False`):
+            The run starts over (`--fresh`): its checkpoints do not matter.
+
+    Raises:
+        [`~lorafleet.spec.SpecError`]: One line naming the storage and the cause, or the data file and what changed.
+
+    Example:
+
+    ```python
+    >>> from types import SimpleNamespace
+    >>> job = SimpleNamespace(spec=None, data=SimpleNamespace(source={}))
+    >>> preflight(job, RunLocation("/tmp/lorafleet-doc-runs", "preflight-demo"))  # writable, no checkpoint yet
+    >>> open("/tmp/lorafleet-doc-file", "w").close()
+    >>> try:
+    ...     preflight(job, RunLocation("/tmp/lorafleet-doc-file/runs", "demo"))
+    ... except SpecError as exc:
+    ...     print(exc)
+    checkpoint.storage: cannot write to /tmp/lorafleet-doc-file/runs/demo (Not a directory)
+    ```
+    """
+    cause = location.write_problem()
+    if cause is not None:
+        raise SpecError(f"checkpoint.storage: cannot write to {location.uri} ({cause})")
+    if fresh:
+        return
+    latest = location.latest_checkpoint_json(INFO_FILE)
+    recorded = latest[1].get("data") if latest is not None else None
+    if not isinstance(recorded, dict) or not recorded:
+        return
+    change = data_change(recorded, prepared.data.source)
+    if change is not None:
+        spec = prepared.spec
+        raise SpecError(
+            f"data.path: {spec.data.path} is not the data run '{spec.name}' was trained on up to step "
+            f"{latest[1].get('step')} ({change}); start over with --fresh, or use another name"
+        )
+
+
+def start_ray(address: Optional[str] = None, verbose: bool = False) -> Optional[str]:
+    """Start a Ray instance for this job alone, or join the cluster at `address` (or `RAY_ADDRESS`).
+
+    Without an address, `ray.init(address="local")`: a new instance, even when one started with `ray start` runs on
+    this machine (plain `ray.init()` would join that one, whose workers lack this shell's environment: storage
+    credentials, `AWS_ENDPOINT_URL`). Its processes inherit this environment.
+
+    With an address (`auto`, `HOST:PORT`, `ray://...`), it joins, prints one line naming the cluster, and the job's
+    runtime environment carries this shell's storage settings ([`~lorafleet.runstore.location.storage_env`]) to the
+    cluster's processes. Not as the entrypoint of a Jobs API job (`lorafleet submit --address http://...`): that job
+    has its own runtime environment, the cluster's.
+
+    Args:
+        address (`str`, *optional*):
+            The cluster to join; default `RAY_ADDRESS`, else none.
+        verbose (`bool`, *optional*, defaults to `False`):
+            Forward Ray's and the workers' logs.
+
+    Returns:
+        `str` or `None`: The line printed on joining a cluster; `None` for a new instance, or when Ray was already
+        initialized in this process (a notebook's own `ray.init`, used as it is).
+
+    Raises:
+        [`~lorafleet.spec.SpecError`]: No cluster answers at the address.
+
+    Example:
+
+    ```python
+    >>> start_ray("127.0.0.1:6379")  # doctest: +SKIP
+    'lorafleet: joined the Ray cluster at 127.0.0.1:6379 (--address=127.0.0.1:6379): 1 node, 2 CPUs; ...'
+    ```
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return None
+    source = "--address" if address else "RAY_ADDRESS"
+    target = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = dict(
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.WARNING,
-        # Workers import lorafleet from the installed package; keep Ray's usage stats and dashboard off locally.
-        include_dashboard=False if address is None and "RAY_ADDRESS" not in os.environ else None,
     )
+    settings: dict[str, str] = {}
+    if target is None:
+        # Workers import lorafleet from the installed package; no dashboard for a run's own instance.
+        kwargs.update(address="local", include_dashboard=False)
+    else:
+        kwargs["address"] = target
+        settings = {} if in_submitted_job() else storage_env()
+        if settings:
+            kwargs["runtime_env"] = {"env_vars": settings}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # An embedded instance's processes (the Train controller among them) inherit this environment; jobs sent to a
     # cluster carry the same settings in their runtime environment (lorafleet.remote).
     os.environ.update(train_env())
-    ray.init(address=address, **{k: v for k, v in kwargs.items() if v is not None})
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        # Ray sends its auth token to an explicit address only in token mode, and `ray start` turns token auth on
+        # by default: a likely cause worth naming.
+        hint = (
+            "; a cluster with token authentication needs RAY_AUTH_MODE=token here"
+            if target != "auto" and os.environ.get("RAY_AUTH_MODE", "").lower() != "token"
+            else ""
+        )
+        raise SpecError(f"{source}: cannot join the Ray cluster at '{target}' ({first}){hint}") from None
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        # ray.init makes SIGTERM exit the driver on the spot; a handler the caller installed (`lorafleet submit`
+        # turns SIGTERM into a clean stop of the run) is put back.
+        signal.signal(signal.SIGTERM, sigterm)
+    if target is None:
+        return None
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    resources = ray.cluster_resources()
+    sizes = "".join(f", {int(resources[k])} {k}s" for k in ("CPU", "GPU") if resources.get(k))
+    line = (
+        f"lorafleet: joined the Ray cluster at {ray.get_runtime_context().gcs_address} ({source}={target}): "
+        f"{nodes} node{'s' if nodes != 1 else ''}{sizes}; "
+        + (
+            f"this shell's storage settings go to its workers ({', '.join(sorted(settings))})"
+            if settings
+            else "its workers use their own storage settings"
+        )
+    )
+    print(line, file=sys.stderr, flush=True)
+    return line
 
 
 def make_trainer(prepared: Prepared, channel: Any = None, step_hooks: Sequence[StepHook] = ()) -> Any:
@@ -203,6 +424,69 @@ def fit_with_storage_retries(prepared: Prepared, channel: Any, step_hooks: Seque
                     break
 
 
+def fit_interruptibly(prepared: Prepared, channel: Any, step_hooks: Sequence[StepHook] = ()) -> Any:
+    """[`fit_with_storage_retries`] on a helper thread while the main thread waits, so that a signal reaches the caller.
+
+    `TorchTrainer.fit()` called on the main thread replaces the SIGINT handler with Ray Train's own, which aborts the
+    run and ends the process (status 1, no summary). Called on another thread it leaves signals alone: Ctrl-C (or
+    `lorafleet submit`'s SIGTERM handler) raises `KeyboardInterrupt` here, in the main thread's wait, and the caller
+    stops the run cleanly. Off the main thread (no signals to receive) it calls fit directly.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return fit_with_storage_retries(prepared, channel, step_hooks)
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = fit_with_storage_retries(prepared, channel, step_hooks)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+            outcome["error"] = exc
+
+    # A daemon: after an interrupt the caller shuts Ray down, and this thread's wait on it must not hold up the exit.
+    thread = threading.Thread(target=fit, name="lorafleet-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def last_complete_step(location: RunLocation) -> Optional[int]:
+    """The step of the newest checkpoint in the run's storage that holds every file it should, at the size recorded
+    for it (what a re-submit resumes from, unless Ray Train had not registered that checkpoint yet when the run
+    stopped).
+
+    Args:
+        location ([`~lorafleet.runstore.location.RunLocation`]):
+            The run's location.
+
+    Returns:
+        `int` or `None`: The step, or `None` when no checkpoint is complete.
+
+    Example:
+
+    ```python
+    >>> last_complete_step(RunLocation("/tmp/lorafleet-doc-runs", "never-ran")) is None
+    True
+    ```
+    """
+    filesystem = location.filesystem
+    for path in reversed(location.checkpoint_dirs()):
+        try:
+            sizes = {info.base_name: info.size for info in filesystem.get_file_info(fs.FileSelector(path))}
+            with filesystem.open_input_stream(f"{path}/{INFO_FILE}") as stream:
+                info = json.loads(stream.read())
+        except (OSError, ValueError):
+            continue
+        # Sizes only, from one listing: the checksums would mean downloading the checkpoint (resume verifies them).
+        records = info.get("files") if isinstance(info.get("files"), dict) else {}
+        if all(sizes.get(name) and sizes[name] == records.get(name, {}).get("size", sizes[name])
+               for name in expected_files(info)):
+            return int(info["step"])
+    return None
+
+
 def remove_orphan_checkpoints(result: Any, location: RunLocation) -> int:
     """Delete checkpoint folders in the run's storage that Ray Train does not hold as kept checkpoints.
 
@@ -249,7 +533,8 @@ def run_job(
         spec ([`~lorafleet.spec.JobSpec`]):
             The validated spec.
         address (`str`, *optional*):
-            A Ray cluster address (`auto`, `ray://...`, `HOST:PORT`); default: an embedded local instance.
+            A Ray cluster to join (`auto`, `ray://...`, `HOST:PORT`); default `RAY_ADDRESS`, else a Ray instance
+            started for this job alone ([`start_ray`]).
         on_progress (`Callable[[dict], None]`, *optional*):
             Called on the driver with each step's metrics (`step`, `loss`, `lr`, `tokens_per_s`, ...).
         verbose (`bool`, *optional*, defaults to `False`):
@@ -257,13 +542,21 @@ def run_job(
         fresh (`bool`, *optional*, defaults to `False`):
             Delete the run's stored checkpoints first and start over. By default a job re-submitted with the same
             `name` and `checkpoint.storage` resumes from its latest complete checkpoint (adapter, optimizer,
-            scheduler, RNG and data position); `start_step` in the summary says where it started.
+            scheduler, RNG and data position), if it was trained on the same data; `start_step` in the summary says
+            where it started.
         step_hooks (`Sequence[StepHook]`, *optional*, defaults to `()`):
             Callables every worker runs before each step ([`~lorafleet.train.worker.StepHook`]); one returning `True`
             ends the run cleanly after its next checkpoint.
 
     Returns:
-        [`RunSummary`]: `status` is `succeeded` or `failed` (with `error`).
+        [`RunSummary`]: `status` is `succeeded`, `failed` (with `error`) or `interrupted` (a `KeyboardInterrupt`
+        during training, e.g. Ctrl-C: the workers were stopped and Ray shut down; `resume_step` is the step of the
+        last complete checkpoint, where a re-submit resumes).
+
+    Raises:
+        [`~lorafleet.spec.SpecError`]: For a spec or data that cannot be trained, storage that cannot be written, a
+        re-submit whose data differs from its checkpoints' ([`preflight`]), an address where no cluster answers, or
+        a run that another submit is training ([`~lorafleet.runstore.lease.RunInUse`]); nothing was started.
 
     Example:
 
@@ -274,13 +567,31 @@ def run_job(
     ('succeeded', 4)
     ```
     """
+    prepared = prepare(spec)
+    location = RunLocation.of(spec)
+    preflight(prepared, location, fresh)  # storage that cannot be written, a re-submit over other data: refused
+    # Taken before Ray starts: a second submit of the same run is refused here, having started nothing. Released
+    # however the run ends.
+    with RunLease(location) as lease:
+        if fresh:
+            location.delete()
+            lease.renew()  # the run folder is gone, lease included: write it again
+        return _train(prepared, location, address, on_progress, verbose, step_hooks)
+
+
+def _train(
+    prepared: Prepared,
+    location: RunLocation,
+    address: Optional[str],
+    on_progress: Optional[ProgressFn],
+    verbose: bool,
+    step_hooks: Sequence[StepHook],
+) -> RunSummary:
+    """[`run_job`] once the run's lease is held: start Ray, fit, summarize."""
     import ray
     from ray.util.queue import Queue
 
-    prepared = prepare(spec)
-    location = RunLocation.of(spec)
-    if fresh:
-        location.delete()
+    spec = prepared.spec
     start_ray(address, verbose)
     channel = Queue(actor_options={"num_cpus": 0})
     history: list[dict[str, Any]] = []
@@ -294,6 +605,8 @@ def run_job(
             except (_queue.Empty, Exception):
                 continue
             if "event" in item:
+                if item["event"] == "warning":  # e.g. a damaged checkpoint skipped on resume: shown as it happens
+                    logger.warning(item["message"])
                 events.append(item)
                 continue
             history.append(item)
@@ -303,12 +616,18 @@ def run_job(
     reader = threading.Thread(target=pump, name="lorafleet-progress", daemon=True)
     reader.start()
     summary = RunSummary(job=spec.name, status="succeeded")
+    interrupted = False
     try:
-        result = fit_with_storage_retries(prepared, channel, step_hooks)
+        result = fit_interruptibly(prepared, channel, step_hooks)
     except Exception as exc:  # Ray wraps worker errors; the summary carries the worker's own message.
         result = None
         summary.status = "failed"
         summary.error = _failure_message(exc)
+    except KeyboardInterrupt:
+        # Ctrl-C, or a SIGTERM `lorafleet submit` turned into one: stop here. Ray Train registers a checkpoint only
+        # once it is whole, so a re-submit resumes from the last complete one.
+        result, interrupted = None, True
+        summary.status, summary.error = "interrupted", "interrupted"
     finally:
         stop.set()
         reader.join(timeout=10)
@@ -316,6 +635,11 @@ def run_job(
             ray.kill(channel.actor)
         except Exception:
             pass
+    if interrupted:
+        # Stops the workers: an embedded instance ends with every Ray process it started; a cluster ends this
+        # driver's job, and with it the Train controller and its workers.
+        ray.shutdown(wait_for_processes=True)
+        summary.resume_step = last_complete_step(location)
     if history:
         summary.first_loss = history[0]["loss"]
         summary.final_loss = history[-1]["loss"]

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from lorafleet.compat.deepspeed import load_zero_state
 from lorafleet.kernels.plan import KernelPlan
 from lorafleet.spec import JobSpec
 from lorafleet.train.loss import LossModule
@@ -269,7 +270,7 @@ class DeepSpeedStrategy(Strategy):
     Args:
         peft_model ([`~peft.PeftModel`]):
             The model with LoRA adapters. For ZeRO-3 with 4-bit weights, load it with `bnb_4bit_quant_storage` equal
-            to the compute dtype ([`~lorafleet.model.quantization_config`] does this).
+            to the compute dtype ([`~lorafleet.model.build.quantization_config`] does this).
         spec ([`~lorafleet.spec.JobSpec`]):
             For the DeepSpeed config ([`deepspeed_config`]), optimizer and scheduler settings.
         device (`torch.device`):
@@ -370,20 +371,20 @@ class DeepSpeedStrategy(Strategy):
         self.scheduler.load_state_dict(state["scheduler"])
 
     def optimizer_shard(self) -> Optional[dict]:
-        if self.zero3:
-            # ZeRO-3 swaps sub-group tensors in and out of the torch optimizer's param_groups during step(), so the
-            # plain torch state_dict cannot map its state to parameters (KeyError); use ZeRO-3's own per-rank
-            # state (fp32 master partition + moments).
-            return {"zero3": self.engine.optimizer.state_dict()}
-        # The torch optimizer's state over this worker's flat partition (moments and step count); its parameters
-        # are ZeRO's float32 master partition, rebuilt from the restored adapter when resuming.
-        return {"torch": self.engine.optimizer.optimizer.state_dict()}
+        # ZeRO's own state of this worker's partition (float32 master weights and the optimizer's moments over them),
+        # as DeepSpeed's save_checkpoint writes it. Not the torch optimizer's state_dict: ZeRO-3 swaps sub-group
+        # tensors in and out of its param_groups during step(), so that state cannot be mapped back to parameters.
+        return {"zero": self.engine.optimizer.state_dict()}
 
     def load_optimizer_shard(self, shard: dict) -> None:
-        if "zero3" in shard:
-            self.engine.optimizer.load_state_dict([shard["zero3"]], load_optimizer_states=True, load_from_fp32_weights=True)
-        else:
-            self.engine.optimizer.optimizer.load_state_dict(shard["torch"])
+        # "zero3": the same state, under the name ZeRO-3 shards had before ZeRO-2 saved it too.
+        state = shard.get("zero", shard.get("zero3"))
+        if state is None:
+            raise RuntimeError(
+                f"this checkpoint's optimizer shard ({', '.join(sorted(shard))}) was written by an older lorafleet; "
+                "re-submit the run with --fresh, or resume it with the version that wrote it"
+            )
+        load_zero_state(self.engine.optimizer, state)
 
 
 def make_strategy(peft_model, spec: JobSpec, device: torch.device, kernels: Optional[KernelPlan] = None) -> Strategy:

@@ -18,23 +18,21 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from lorafleet.constants import IGNORE_INDEX
-from lorafleet.data.alora import Invocation
 from lorafleet.data.batching import collate
-from lorafleet.data.encode import prepare_samples
+from lorafleet.data.dataset import TrainingData
 from lorafleet.data.plan import BatchPlan
 from lorafleet.model.build import build_model
 from lorafleet.model.device import torch_dtype
 from lorafleet.runstore.checkpoint import (
+    checkpoint_problem,
     cpu_copy,
-    is_complete,
     load_training_state,
     rng_state,
     save_checkpoint,
@@ -82,63 +80,6 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(worker_seed)
 
 
-@dataclass
-class TrainingData:
-    """A job's tokenized training samples and what batching them needs, prepared once (on the driver) for all workers.
-
-    Args:
-        samples (`list[dict]`):
-            [`~lorafleet.data.encode.prepare_samples`]'s samples (rows, when packing).
-        pad_token_id (`int`):
-            The id [`~lorafleet.data.batching.collate`] pads micro-batches with.
-        invocation_tokens (`list[int]`, *optional*):
-            The aLoRA invocation ids the samples were masked with, for the model's `LoraConfig`; `None` for plain LoRA.
-
-    Attributes:
-        targets (`list[int]`): Per sample, the tokens the loss counts (labels after the causal shift that are not -100).
-
-    Example:
-
-    ```python
-    >>> from lorafleet.data.tokenizer import load_tokenizer
-    >>> from lorafleet.spec import load_spec
-    >>> data = TrainingData.from_spec(load_spec("jobs/llama.yaml"), load_tokenizer())
-    >>> len(data.samples) == len(data.targets), data.invocation_tokens
-    (True, None)
-    ```
-    """
-
-    samples: list[dict]
-    pad_token_id: int
-    invocation_tokens: list[int] | None = None
-    targets: list[int] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.targets = [sum(1 for label in s["labels"][1:] if label != IGNORE_INDEX) for s in self.samples]
-
-    @classmethod
-    def from_spec(cls, spec: JobSpec, tokenizer, warn: bool = False) -> TrainingData:
-        """Read, check and tokenize `spec.data` (with the aLoRA invocation, if any).
-
-        Args:
-            spec ([`~lorafleet.spec.JobSpec`]): The validated spec.
-            tokenizer ([`~transformers.PreTrainedTokenizerBase`]): The base model's tokenizer.
-            warn (`bool`, *optional*, defaults to `False`):
-                Warn about an invocation not framed by special tokens ([`~lorafleet.data.alora.resolve_invocation`]).
-
-        Raises:
-            [`~lorafleet.spec.SpecError`]: For data that cannot be trained on (bad records, no sample left, samples
-            without the invocation).
-        """
-        invocation = Invocation.from_spec(spec, tokenizer, warn=warn)
-        samples = prepare_samples(spec.data, tokenizer, invocation=invocation)
-        return cls(samples, tokenizer.pad_token_id, invocation.tokens if invocation is not None else None)
-
-    def plan(self, spec: JobSpec) -> BatchPlan:
-        """The job's [`~lorafleet.data.plan.BatchPlan`] over these samples (global batch size, seed, shuffle)."""
-        return BatchPlan(len(self.samples), spec.global_batch_size, seed=spec.training.seed, shuffle=spec.data.shuffle)
-
-
 def autocast(spec: JobSpec, device: torch.device):
     """bf16/fp16 autocast for matmuls where the device is fast at them; float32 runs without autocast."""
 
@@ -173,13 +114,13 @@ def _checkpoint_candidates():
     return [latest] + [ray.train.Checkpoint(path=p, filesystem=latest.filesystem) for p in reversed(older)]
 
 
-def resume(strategy, ctx: WorkerContext) -> int:
+def resume(strategy, ctx: WorkerContext, channel=None) -> int:
     """Restore adapter, optimizer, scheduler and RNG from the run's latest complete checkpoint; return the step to start at.
 
     Ray Train hands over the latest *registered* checkpoint (one that every worker finished uploading). It is
-    still verified file by file ([`~lorafleet.checkpoint.is_complete`]): should it have been damaged in storage,
-    the previous complete checkpoint is used instead. Rank 0 chooses and tells the others, so all ranks resume
-    from the same one.
+    still verified file by file ([`~lorafleet.runstore.checkpoint.checkpoint_problem`]: sizes and checksums): should it have
+    been damaged in storage, the previous complete checkpoint is used instead, and rank 0 tells the driver (through
+    `channel`) which one it skipped and why. Rank 0 chooses and tells the others, so all ranks resume from the same one.
     """
 
     candidates = _checkpoint_candidates()
@@ -187,10 +128,18 @@ def resume(strategy, ctx: WorkerContext) -> int:
     if ctx.rank == 0:
         for index, candidate in enumerate(candidates):
             with candidate.as_directory() as directory:
-                if is_complete(directory):
-                    choice[0] = index
-                    break
-            print(f"lorafleet: checkpoint {candidate.path.rsplit('/', 1)[-1]} is incomplete; trying an older one", flush=True)
+                problem = checkpoint_problem(directory)
+            if problem is None:
+                choice[0] = index
+                break
+            name = candidate.path.rstrip("/").rsplit("/", 1)[-1]
+            message = f"checkpoint {name} is damaged or incomplete: {problem}; "
+            message += "trying an older one" if index + 1 < len(candidates) else "no older one, starting from step 0"
+            print(f"lorafleet: {message}", flush=True)
+            if channel is not None:
+                import ray
+
+                ray.get(channel.actor.put.remote({"event": "warning", "message": message}))
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(choice, src=0)
     if choice[0] is None:
@@ -247,13 +196,15 @@ def gather_rng_states(ctx: WorkerContext) -> Optional[dict[int, dict[str, Any]]]
     return dict(enumerate(gathered)) if ctx.rank == 0 else None
 
 
-def save_and_report(metrics: dict[str, Any], strategy, spec: JobSpec, ctx: WorkerContext) -> None:
+def save_and_report(
+    metrics: dict[str, Any], strategy, spec: JobSpec, ctx: WorkerContext, data_source: Optional[dict] = None
+) -> None:
     """Take this worker's share of a checkpoint and report it (with the step's metrics) to Ray Train.
 
     The training thread only copies the state into CPU memory (the strategy's adapter copy, the optimizer state through
-    [`~lorafleet.checkpoint.cpu_copy`], every worker's RNG states gathered to rank 0) and passes `ray.train.report`'s
+    [`~lorafleet.runstore.checkpoint.cpu_copy`], every worker's RNG states gathered to rank 0) and passes `ray.train.report`'s
     barrier. Writing the files and uploading them run in Ray Train's background thread
-    (`checkpoint_upload_mode=ASYNC`) while training continues, with [`~lorafleet.storage.upload_checkpoint`] retrying
+    (`checkpoint_upload_mode=ASYNC`) while training continues, with [`~lorafleet.runstore.storage.upload_checkpoint`] retrying
     failed copies; Ray registers the checkpoint only after every worker's upload returned. A worker with nothing to
     write (DDP ranks other than 0) reports the metrics alone. Ray deletes the local folder once uploaded, so it lives in
     a fresh temporary directory rather than a context manager's.
@@ -287,7 +238,8 @@ def save_and_report(metrics: dict[str, Any], strategy, spec: JobSpec, ctx: Worke
                 step=metrics["step"],
                 peft_model=strategy.peft_model,
                 world_size=ctx.world_size,
-                info={"job": spec.name, "loss": metrics["loss"]},
+                # `data`: what a re-submit compares its data with before resuming (lorafleet.train.driver.preflight)
+                info={"job": spec.name, "loss": metrics["loss"], "data": data_source or {}},
                 rng_states=rng_states,
                 **state,
             )
@@ -504,8 +456,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     plan = data.plan(spec)
     model, kernels = build_model(spec, inputs.base, ctx.device, invocation_tokens=data.invocation_tokens)
     strategy = make_strategy(model, spec, ctx.device, kernels)
-    start_step = resume(strategy, ctx)
     channel = inputs.channel
+    start_step = resume(strategy, ctx, channel)
 
     t = spec.training
     every = spec.checkpoint.every_n_steps
@@ -532,7 +484,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         publish(channel, metrics, ctx)
         export_step(metrics, spec.name, ctx.rank)  # Ray metric gauges (rank 0 only), see lorafleet/monitoring.py
         if done % every == 0 or done == t.steps:
-            save_and_report(metrics, strategy, spec, ctx)
+            save_and_report(metrics, strategy, spec, ctx, data.source)
             # Only with hooks: without any, no rank can ask, and the loop spares the collective.
             if inputs.step_hooks and _any_rank(stop_requested, ctx):
                 return

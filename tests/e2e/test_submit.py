@@ -39,8 +39,9 @@ def test_checkpoint_is_adapter_only(default_run):
     adapter = Path(summary["adapter_uri"])
     assert adapter.is_dir() and str(adapter).startswith(str(storage))
     names = {p.name for p in adapter.iterdir()}
-    # Rank 0's files only (the other worker's RNG states are inside training_state.pt): DDP uploads from one worker.
-    assert names == {"adapter_config.json", "adapter_model.safetensors", "training_state.pt", "lorafleet.json"}
+    # Rank 0's files only (the other worker's RNG states are inside the training state): DDP uploads from one worker.
+    assert names == {"adapter_config.json", "adapter_model.safetensors", "training_state.safetensors",
+                     "training_state.json", "lorafleet.json"}
     tensors = load_file(adapter / "adapter_model.safetensors")
     assert tensors and all("lora_A" in k or "lora_B" in k for k in tensors), sorted(tensors)[:5]
     # r=16 on 7 projections of 4 layers: A and B per projection, nothing of the frozen base.

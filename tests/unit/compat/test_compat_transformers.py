@@ -10,7 +10,7 @@ from typing import Optional
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from lorafleet.compat import transformers as compat
 from lorafleet.families import FAMILY_NAMES
@@ -102,3 +102,42 @@ def test_attention_forward_takes_the_cache_fourth(family):
         f"attention_mask, cache, ...) (lorafleet.compat.transformers item 2, pop_cache_argument; checked 5.24.0): "
         f"{params}"
     )
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_sdpa_is_refused_exactly_where_transformers_would_fall_back_to_eager(family):
+    # transformers' own choice when none is asked for: SDPA where the model class has it, else eager.
+    default = _model(family).config._attn_implementation
+    try:
+        _model(family, "sdpa")
+        refusal = None
+    except ValueError as error:
+        refusal = error
+    assert (refusal is not None) == (default == "eager"), (
+        f"transformers: asking {family} for attn_implementation='sdpa' no longer fails exactly when its default "
+        f"attention is eager (default {default!r}, refusal {refusal!r}; lorafleet.compat.transformers item 3, "
+        "checked 5.24.0)"
+    )
+    if refusal is not None:
+        assert compat.refuses_sdpa(refusal), (
+            f"transformers: the SDPA refusal for {family} no longer names scaled_dot_product_attention, so model "
+            f"building would not fall back to eager (lorafleet.compat.transformers item 3, checked 5.24.0): {refusal}"
+        )
+
+
+def test_sdpa_refusal_is_recognized_and_nothing_else():
+    no_sdpa = type("NoSdpaLlamaForCausalLM", (LlamaForCausalLM,), {"_supports_sdpa": False})
+    config = family_config("llama", 64, SMALL)
+    config._attn_implementation = "sdpa"
+    with pytest.raises(ValueError) as refusal:
+        no_sdpa(config)
+    assert compat.refuses_sdpa(refusal.value), (
+        "transformers: a model class with _supports_sdpa=False no longer refuses attn_implementation='sdpa' with a "
+        "ValueError naming scaled_dot_product_attention (lorafleet.compat.transformers item 3, checked 5.24.0): "
+        f"{refusal.value}"
+    )
+    # An unknown implementation is refused too, with a message that lists `sdpa`: not the refusal to fall back on.
+    with pytest.raises(ValueError) as unknown:
+        _model("llama", "sdpa_v2")
+    assert not compat.refuses_sdpa(unknown.value)
+    assert not compat.refuses_sdpa(RuntimeError("scaled_dot_product_attention: out of memory"))

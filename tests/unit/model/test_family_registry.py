@@ -9,8 +9,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from lorafleet.compat.transformers import attention_interface
 from lorafleet.families import FAMILY_NAMES, get_family
 from lorafleet.kernels import apply_kernels, lm_loss
+from lorafleet.model.build import build_model, resolve_base_model
 from lorafleet.model.families import family_config
 from lorafleet.spec import KernelsSpec, ModelSpec, SpecError, load_spec
 
@@ -54,3 +56,23 @@ def test_registry_and_spec_import_without_torch():
     code = "import sys, lorafleet.families, lorafleet.spec; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_every_family_loads_and_trains_the_way_a_job_does(name):
+    """A job's path: the materialized model through `from_pretrained` (4-bit), LoRA and every fused path, one training
+    forward and backward, with the attention transformers gives the family by default (SDPA where its model class
+    has it; gemma2 refuses SDPA since transformers 5.24)."""
+    spec = load_spec(JOBS / "llama.yaml", [f"model.architecture={name}", "model.config.num_hidden_layers=1"])
+    base = resolve_base_model(spec)
+    model, plan = build_model(spec, base)
+    assert plan.applied == {"mlp": 1, "qkv": 1, "o": 1, "loss": 1} and plan.skipped == ()
+    default = AutoModelForCausalLM.from_pretrained(base)
+    assert attention_interface(model.get_base_model().model.layers[0].self_attn) is attention_interface(
+        default.model.layers[0].self_attn
+    )
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    loss, n = lm_loss(model, ids, fused=plan.fused_loss)
+    loss.backward()
+    assert int(n) == 10 and torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -14,14 +14,14 @@ from lorafleet.spec import load_spec
 from lorafleet.runstore.location import RunLocation
 from lorafleet.runstore.storage import _verify_upload
 
-from helpers.checkpoints import FakePeft, write_checkpoint
+from helpers.checkpoints import FakePeft, write_checkpoint, write_legacy_checkpoint
 
 
 def test_sharded_checkpoint_roundtrip(tmp_path):
     adapter = write_checkpoint(tmp_path)
     info = read_info(tmp_path)
     assert info["world_size"] == 2 and info["optimizer_shards"] is True and info["step"] == 7
-    assert "optimizer_rank1.pt" in expected_files(info)
+    assert "optimizer_rank1.safetensors" in expected_files(info)
     assert is_complete(tmp_path)
     state = load_training_state(tmp_path, rank=1)
     assert state["step"] == 7 and state["optimizer"] == {"scheduler": {"last_epoch": 7}}
@@ -33,13 +33,13 @@ def test_sharded_checkpoint_roundtrip(tmp_path):
 def test_replicated_checkpoint_has_no_shards(tmp_path):
     write_checkpoint(tmp_path, shards=False)
     assert is_complete(tmp_path)
-    assert not list(tmp_path.glob("optimizer_rank*.pt"))
+    assert not list(tmp_path.glob("optimizer_rank*"))
     assert load_training_state(tmp_path, rank=0)["optimizer_shard"] is None
 
 
 def test_rank0_writes_every_workers_rng_states(tmp_path):
     # Under DDP rank 0 writes the RNG states gathered from every worker into the training state, and the other workers
-    # write nothing: the checkpoint is complete from rank 0's four files, and each rank resumes its own stream.
+    # write nothing: the checkpoint is complete from rank 0's five files, and each rank resumes its own stream.
     states, draws = {}, {}
     for rank in range(2):
         torch.manual_seed(100 + rank)
@@ -51,7 +51,8 @@ def test_rank0_writes_every_workers_rng_states(tmp_path):
         rng_states=states,
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "lorafleet.json", "training_state.pt"
+        "adapter_config.json", "adapter_model.safetensors", "lorafleet.json", "training_state.json",
+        "training_state.safetensors",
     ]
     assert is_complete(tmp_path)
     for rank in (1, 0):
@@ -60,19 +61,28 @@ def test_rank0_writes_every_workers_rng_states(tmp_path):
 
 
 def test_checkpoint_with_rng_files_of_older_versions_still_resumes(tmp_path):
-    # Checkpoints written before the RNG states moved into training_state.pt keep them in rng_rank{R}.pt.
-    write_checkpoint(tmp_path, shards=False)
-    state = torch.load(tmp_path / "training_state.pt", weights_only=False)
-    torch.manual_seed(7)
-    torch.save(rng_state(), tmp_path / "rng_rank1.pt")
+    # Checkpoints written before the RNG states moved into the training state keep them in rng_rank{R}.pt.
+    saved = write_legacy_checkpoint(tmp_path, shards=False, rng_files=True)
+    set_rng_state(saved["rng"][1])
     expected = torch.rand(2)
-    torch.save({"step": state["step"], "optimizer": state["optimizer"]}, tmp_path / "training_state.pt")
+    torch.manual_seed(0)
     set_rng_state(load_training_state(tmp_path, rank=1)["rng"])
     assert torch.equal(torch.rand(2), expected)
+    (tmp_path / "rng_rank0.pt").unlink()
     assert load_training_state(tmp_path, rank=0)["rng"] is None
 
 
-@pytest.mark.parametrize("victim", ["optimizer_rank1.pt", "training_state.pt", "adapter_model.safetensors", "lorafleet.json"])
+@pytest.mark.parametrize(
+    "victim",
+    [
+        "optimizer_rank1.safetensors",
+        "optimizer_rank1.json",
+        "training_state.safetensors",
+        "training_state.json",
+        "adapter_model.safetensors",
+        "lorafleet.json",
+    ],
+)
 def test_missing_or_empty_file_is_incomplete(tmp_path, victim):
     write_checkpoint(tmp_path)
     (tmp_path / victim).unlink()

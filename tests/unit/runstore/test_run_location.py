@@ -11,7 +11,7 @@ from pyarrow import fs
 
 from lorafleet.infer.generate import fetch_adapter
 from lorafleet.remote.client import RemoteError, copy_adapter
-from lorafleet.runstore.checkpoint import ADAPTER_FILES, INFO_FILE, STATE_FILE
+from lorafleet.runstore.checkpoint import ADAPTER_FILES, INFO_FILE, STATE_NAME, state_files
 from lorafleet.runstore.location import RunLocation, fetch_files
 from lorafleet.runstore.monitoring import read_metrics, write_run_artifacts
 from lorafleet.spec import load_spec
@@ -184,7 +184,7 @@ def test_fetch_s3_checkpoint(s3_server, tmp_path):
     checkpoint = tmp_path / "local" / FOLDERS[0]
     write_checkpoint(checkpoint)
     key = f"runs/fetch/job-a/{FOLDERS[0]}"
-    for name in (*ADAPTER_FILES, STATE_FILE):
+    for name in (*ADAPTER_FILES, *state_files(STATE_NAME)):
         s3_server.client.upload_file(str(checkpoint / name), s3_server.bucket, f"{key}/{name}")
     uri = f"s3://{s3_server.bucket}/{key}"
 

@@ -32,7 +32,7 @@ def _upload_like_workers(checkpoint: Path, storage, name: str, scratch: Path) ->
     for share in shares.values():
         share.mkdir(parents=True)
     for path in checkpoint.iterdir():
-        rank = 1 if path.name.endswith("rank1.pt") else 0
+        rank = 1 if path.stem.endswith("rank1") else 0
         (shares[rank] / path.name).write_bytes(path.read_bytes())
     for share in shares.values():
         persisted = _persist(SimpleNamespace(path=str(share), filesystem=None), name, storage)
@@ -78,10 +78,10 @@ def test_storage_functions_work_on_gs(gcs_server, tmp_path, monkeypatch):
 
     # A worker's file missing in storage (deleted behind pyarrow's back): the folder is still listed, and a copy
     # of it is reported incomplete.
-    gcs_server.delete(f"{PREFIX}/gcs-job/{names[1]}/optimizer_rank1.pt")
+    gcs_server.delete(f"{PREFIX}/gcs-job/{names[1]}/optimizer_rank1.safetensors")
     assert f"{run_path}/{names[1]}" in list_checkpoint_dirs(run_fs, run_path)
     local = _download(run_fs, f"{run_path}/{names[1]}", tmp_path / "copy-missing")
-    assert "optimizer_rank1.pt" not in {p.name for p in local.iterdir()} and not is_complete(local)
+    assert "optimizer_rank1.safetensors" not in {p.name for p in local.iterdir()} and not is_complete(local)
 
     # Without checkpoint.endpoint, STORAGE_EMULATOR_HOST (host:port, as Google's clients take it) points at the server.
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint.split("://")[1])
