@@ -161,6 +161,9 @@ def submit(
         if as_json:
             click.echo(json.dumps(summary.to_dict()))
         sys.exit(stop.exit_code)
+    # One line per distinct reason a fused path was left unfused (the same reason usually holds for every layer).
+    for reason in dict.fromkeys(line.split("): ", 1)[-1] for line in summary.kernels_skipped):
+        click.echo(f"lorafleet: {spec.name}: not fused: {reason}", err=True)
     if summary.status == "succeeded":
         click.echo(
             f"lorafleet: {spec.name}: done, loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}"

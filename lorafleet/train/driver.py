@@ -62,6 +62,8 @@ class RunSummary:
     tokens_per_s: Optional[float] = None
     adapter_uri: Optional[str] = None
     kernels: dict[str, int] = field(default_factory=dict)
+    # Every layer/path the spec asked to fuse that the model's layout left unfused, as "layer (path): reason" lines.
+    kernels_skipped: list[str] = field(default_factory=list)
     error: Optional[str] = None
     # A re-submitted run whose latest checkpoint already reached `training.steps`: nothing was trained.
     already_complete: bool = False
@@ -72,6 +74,8 @@ class RunSummary:
         out = asdict(self)
         if out["error"] is None:
             out.pop("error")
+        if not out["kernels_skipped"]:
+            out.pop("kernels_skipped")
         if out["status"] != "interrupted":
             out.pop("resume_step")
         if not out["already_complete"]:
@@ -650,6 +654,7 @@ def _train(
         for item in history:
             if "kernels" in item:
                 summary.kernels = dict(item["kernels"])
+                summary.kernels_skipped = list(item.get("kernels_skipped", []))
     for event in events:
         if event["event"] == "fatal" and summary.status == "succeeded":
             # The workers stopped without Ray Train's restarts (a deterministic failure such as a NaN loss).

@@ -13,6 +13,7 @@ from lorafleet.kernels import KernelPlan, SkippedKernel, apply_kernels
 from lorafleet.model.build import build_model, load_tokenizer_for, resolve_base_model
 from lorafleet.model.families import family_config
 from lorafleet.spec import KernelsSpec, load_spec
+from lorafleet.train.driver import RunSummary
 from lorafleet.train.strategies import make_strategy
 
 from helpers.cli import JOBS
@@ -69,6 +70,10 @@ def test_lora_on_lm_head_trains_on_the_plain_loss():
     assert 0 < loss < 20
     # The head's own adapter trains: the plain loss gives it a gradient (the chunked loss would not).
     assert {n for n in changed if "lm_head.lora_B" in n} == {"base_model.model.lm_head.lora_B.default.weight"}
+    # The reason reaches the run's `--json` summary; a run with everything fused keeps the summary's old shape.
+    summary = RunSummary(job="j", status="succeeded", kernels=dict(plan.applied), kernels_skipped=plan.reasons())
+    assert summary.to_dict()["kernels_skipped"] == plan.reasons()
+    assert "kernels_skipped" not in RunSummary(job="j", status="succeeded", kernels={"loss": 1}).to_dict()
 
 
 class RenamedDecoderLM(nn.Module):
