@@ -28,6 +28,7 @@ from lorafleet.data.tokenizer import load_tokenizer  # noqa: E402
 from helpers.cli import run_cli  # noqa: E402
 from helpers.gcs_server import running_gcs_server  # noqa: E402
 from helpers.models import save_family_models  # noqa: E402
+from helpers.ray_cluster import LocalRayCluster  # noqa: E402
 from helpers.s3_server import running_s3_server  # noqa: E402
 
 E2E = TESTS / "e2e"
@@ -43,6 +44,56 @@ def pytest_collection_modifyitems(config, items):
 def cli():
     """[`helpers.cli.run_cli`]: `lorafleet ARGS` in a fresh interpreter."""
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """One `ray start` cluster (2 CPUs, token auth, none of this shell's storage settings) for the whole session."""
+    hidden = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("AWS_")}
+    try:
+        cluster = LocalRayCluster(auth=True, num_cpus=2)
+    finally:
+        os.environ.update(hidden)
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def joined_ray(shared_ray):
+    """For the module's duration, `lorafleet` commands join [`shared_ray`] (`RAY_ADDRESS` and its token in this
+    environment) instead of starting a Ray instance each: a run's own start costs more than a small run's training.
+    Modules that check the start of a run's own instance (test_submit, test_interrupts, ...) do not use it. Returns
+    the variables set."""
+    env = {**shared_ray.client_env(), "RAY_ADDRESS": shared_ray.gcs_address, "RAY_AUTH_MODE": "token"}
+    changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in changed.items():
+            patch.setenv(key, value)
+        yield changed
+
+
+@pytest.fixture
+def console_restored(monkeypatch):
+    """Undo what a command run in this process (click's `CliRunner`) set up for its console
+    (`lorafleet.cli.console.configure_console`: lorafleet's log handler, quieted loggers, `warnings.showwarning`, the
+    environment), so later tests see the logging they expect."""
+    import logging
+    import warnings
+
+    from lorafleet.cli.console import QUIET_ENV, QUIET_LOGGERS
+
+    own = logging.getLogger("lorafleet")
+    saved = (list(own.handlers), own.propagate, own.level, warnings.showwarning)
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    for key in QUIET_ENV:  # monkeypatch restores a variable it was told about, whatever sets it later
+        if key in os.environ:
+            monkeypatch.setenv(key, os.environ[key])
+        else:
+            monkeypatch.delenv(key, raising=False)
+    yield
+    own.handlers[:], own.propagate, own.level, warnings.showwarning = saved
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture(scope="module")

@@ -165,13 +165,18 @@ def submit(
     for reason in dict.fromkeys(line.split("): ", 1)[-1] for line in summary.kernels_skipped):
         click.echo(f"lorafleet: {spec.name}: not fused: {reason}", err=True)
     if summary.status == "succeeded":
+        stopped = f", stopped early at step {summary.steps}" if summary.stopped_early else ""
         click.echo(
-            f"lorafleet: {spec.name}: done, loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}"
+            f"lorafleet: {spec.name}: done, loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}{stopped}"
             if summary.first_loss is not None
-            else f"lorafleet: {spec.name}: already complete",
+            else f"lorafleet: {spec.name}: already complete{stopped}",
             err=True,
         )
         click.echo(f"adapter: {summary.adapter_uri}", err=as_json)
+        if summary.best_adapter_uri and summary.best_adapter_uri != summary.adapter_uri:
+            # On stderr: stdout stays the one result line (the latest adapter) scripts read.
+            click.echo(f"lorafleet: {spec.name}: best adapter (lowest held-out loss): {summary.best_adapter_uri}",
+                       err=True)
     else:
         click.echo(f"error: {spec.name}: run failed: {summary.error}", err=True)
     if as_json:

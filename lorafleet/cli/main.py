@@ -1,7 +1,7 @@
 """The `lorafleet` command group and its console-script entry point.
 
 This module only assembles the group: each command lives with its kin (`jobs`: submit/validate/spec-doc,
-`adapters`: generate/merge, `remote`: status/logs/list/stop/pull/report). stdout carries results (the `--json`
+`adapters`: generate/eval/merge, `remote`: status/logs/list/stop/pull/report). stdout carries results (the `--json`
 line); progress and errors go to stderr. Exit codes: 0 success, 1 the run failed, 2 bad input (one line naming the
 field; nothing was started).
 """

@@ -1,4 +1,4 @@
-"""Live progress of a run on the terminal (stderr): step, loss, tokens/s and ETA.
+"""Live progress of a run on the terminal (stderr): step, loss, held-out loss (`eval 2.31`), tokens/s and ETA.
 
 On a terminal it is a single updating rich progress bar; elsewhere (CI logs, pipes) it prints a plain line every
 few steps, so logs stay readable and stdout stays free for results.
@@ -25,10 +25,19 @@ class ProgressView:
     Example:
 
     ```python
+    >>> import contextlib, io
     >>> view = ProgressView("demo", total_steps=2, live=False)
-    >>> view.update({"step": 1, "loss": 2.5, "tokens_per_s": 1000.0, "step_time_s": 0.5, "total_steps": 2})
+    >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+    ...     view.update({"step": 1, "loss": 2.5, "tokens_per_s": 1000.0, "step_time_s": 0.5, "total_steps": 2})
+    ...     view.update({"step": 2, "loss": 2.4, "eval_loss": 2.31, "tokens_per_s": 1000.0, "total_steps": 2})
+    >>> print(err.getvalue(), end="")  # each line ends with the ETA
+    [demo] step 1/2  loss 2.5000  1,000 tok/s...
+    [demo] step 2/2  loss 2.4000  eval 2.31  1,000 tok/s...
     >>> view.close()
     ```
+
+    A step with a held-out evaluation (`eval_loss` in its metrics) always prints its line, with `eval` after the
+    training loss; the live bar keeps the latest evaluation.
     """
 
     def __init__(self, job: str, total_steps: int, live: Optional[bool] = None):
@@ -49,12 +58,13 @@ class ProgressView:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[eval]}"),
                 TextColumn("{task.fields[tps]} tok/s"),
                 TimeRemainingColumn(),
                 console=Console(stderr=True),
                 transient=False,
             )
-            self._task = self._progress.add_task(self.job, total=total_steps, loss="-", tps="-")
+            self._task = self._progress.add_task(self.job, total=total_steps, loss="-", eval="", tps="-")
             self._progress.start()
 
     def eta_s(self, step: int) -> Optional[float]:
@@ -70,13 +80,20 @@ class ProgressView:
             self.started = time.monotonic() - float(metrics.get("step_time_s", 0.0))
         loss = f"{metrics['loss']:.4f}"
         tps = f"{metrics.get('tokens_per_s', 0.0):,.0f}"
+        evaluated = metrics.get("eval_loss") is not None
+        held_out = f"eval {metrics['eval_loss']:.2f}" if evaluated else ""
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, loss=loss, tps=tps)
+            fields = dict(completed=step, loss=loss, tps=tps)
+            if evaluated:
+                fields["eval"] = held_out
+            self._progress.update(self._task, **fields)
             return
-        if step % self.every == 0 or step == self.total or step == self.first_step + 1:
+        if step % self.every == 0 or step == self.total or step == self.first_step + 1 or evaluated:
             eta = self.eta_s(step)
             eta_text = f"  eta {eta:.0f}s" if eta is not None else ""
-            print(f"[{self.job}] step {step}/{self.total}  loss {loss}  {tps} tok/s{eta_text}", file=sys.stderr, flush=True)
+            eval_text = f"  {held_out}" if evaluated else ""
+            print(f"[{self.job}] step {step}/{self.total}  loss {loss}{eval_text}  {tps} tok/s{eta_text}",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._progress is not None:

@@ -244,6 +244,8 @@ def report(job: str, overrides: tuple[str, ...], storage: Optional[str], address
             "steps": summary.get("steps"),
             "first_loss": summary.get("first_loss"),
             "final_loss": summary.get("final_loss"),
+            **{k: summary[k] for k in ("eval_loss", "best_eval_loss", "best_step", "best_adapter_uri", "stopped_early")
+               if summary.get(k) is not None},
         }
     else:
         out = _local_report(job, overrides, storage)
@@ -255,11 +257,18 @@ def report(job: str, overrides: tuple[str, ...], storage: Optional[str], address
     click.echo(f"plot:    {out['plot']}")
     if out.get("first_loss") is not None:
         click.echo(f"loss:    {out['first_loss']:.4f} -> {out['final_loss']:.4f} over {out['steps']} steps")
+    if out.get("eval_loss") is not None:
+        best = f", best {out['best_eval_loss']:.4f} at step {out['best_step']}" if out.get("best_step") else ""
+        click.echo(f"eval:    {out['eval_loss']:.4f} (held-out loss, last){best}")
+    if out.get("stopped_early"):
+        click.echo(f"stopped: early, at step {out['steps']} (eval.early_stopping_patience)")
+    if out.get("best_adapter_uri"):
+        click.echo(f"best:    {out['best_adapter_uri']} (the kept adapter with the lowest held-out loss)")
 
 
 def _local_report(job: str, overrides: tuple[str, ...], storage: Optional[str]) -> dict[str, Any]:
     from lorafleet.runstore.location import RunLocation
-    from lorafleet.runstore.monitoring import read_metrics
+    from lorafleet.runstore.monitoring import eval_summary, read_metrics
     from lorafleet.spec import SpecError, load_spec, lorafleet_home
     from lorafleet.spec.schema import _NAME_RE
 
@@ -281,13 +290,43 @@ def _local_report(job: str, overrides: tuple[str, ...], storage: Optional[str]) 
         raise UsageError(f"cannot read run storage {storage_uri}: {str(exc).splitlines()[0]}") from None
     if not records:
         raise UsageError(f"no metrics for job '{name}' in {storage_uri} (has it run? pass --storage if elsewhere)")
-    return {
+    out = {
         "job": name,
         **location.artifacts(),
         "steps": records[-1]["step"],
         "first_loss": records[0]["loss"],
         "final_loss": records[-1]["loss"],
+        **eval_summary(records),
     }
+    if records[-1].get("stopped_early"):
+        out["stopped_early"] = True
+    if "eval_loss" in out:
+        best = _best_adapter(location)
+        if best is not None:
+            out["best_adapter_uri"] = best
+    return out
+
+
+def _best_adapter(location) -> Optional[str]:
+    """The kept checkpoint with the lowest held-out loss its `lorafleet.json` records (`eval_loss`), the earliest on
+    ties; `None` when none records one. One small file per kept checkpoint (`checkpoint.keep` + 1 at most)."""
+    import math
+
+    from lorafleet.runstore.checkpoint import INFO_FILE
+
+    best = None
+    for path in location.checkpoint_dirs():
+        try:
+            with location.filesystem.open_input_stream(f"{path}/{INFO_FILE}") as stream:
+                info = json.loads(stream.read())
+        except (OSError, ValueError):
+            continue
+        loss = info.get("eval_loss") if isinstance(info, dict) else None
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            key = (loss, int(info.get("step", 0)))
+            if best is None or key < best[0]:
+                best = (key, path)
+    return location.display_uri(best[1]) if best is not None else None
 
 
 COMMANDS = (status, logs, list_jobs, stop, pull, report)

@@ -22,12 +22,25 @@ Private things touched:
    job supervisor hands an entrypoint its job's runtime environment; `ray.init(runtime_env=...)` in that entrypoint
    is merged with it and raises on an `env_vars` key both set (`ray.runtime_env.runtime_env._merge_runtime_env`):
    [`in_submitted_job`]. Gone when Ray says publicly whether a driver runs as a submitted job.
+5. Behaviour, not API: with `CheckpointConfig(num_to_keep=N, checkpoint_score_attribute=...)` the Train V2 checkpoint
+   manager (`ray.train.v2._internal.execution.checkpoint.checkpoint_manager.CheckpointManager`,
+   `_save_state_and_delete_old_checkpoints`) deletes all but the best N by the score *except the latest registered
+   checkpoint*, which it keeps even when it is not among the best N; `Result.best_checkpoints` lists the best N only
+   (the latest is `Result.checkpoint`). A checkpoint whose metrics lack the score counts as the worst (`-inf` after the
+   sign flip, with an error logged), NaN likewise. lorafleet relies on it for `checkpoint.keep_best_by`: `keep` best +
+   the latest, so resume always finds the newest checkpoint and pruning never deletes the best: [`checkpoint_config`].
+   Were Ray to stop keeping the latest, `checkpoint_config` would have to ask for one more and the worker keep the
+   latest itself.
+6. The message of the bare `Exception` `ray.init` raises when a node it starts does not register within a fixed
+   30 s (`ray._private.node.Node.__init__`, "timed out during startup"; not configurable), which happens on a loaded
+   machine: [`node_start_timed_out`]. The processes of that failed start are the driver's children, and nothing in
+   Ray stops them: [`stop_child_processes`]. Gone when the wait is configurable or the error has its own class.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 # The controller takes at most one report from each worker each time it polls them, every
 # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), so checkpoints that come faster register later and later. On
@@ -104,3 +117,75 @@ def persist_checkpoint(storage: Any, checkpoint: Any, checkpoint_dir_name: str) 
         `ray.train.Checkpoint`: The checkpoint in storage.
     """
     return storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+
+
+def checkpoint_config(keep: int, score_attribute: Optional[str] = None) -> Any:
+    """Ray Train's `CheckpointConfig` for `checkpoint.keep` and `checkpoint.keep_best_by` (item 5).
+
+    Without `score_attribute`: the newest `keep` checkpoints. With it: the `keep` lowest by that metric, and the latest
+    checkpoint as well (Ray keeps the latest registered one whatever its score), so at most `keep + 1` folders.
+
+    Args:
+        keep (`int`):
+            `checkpoint.keep`.
+        score_attribute (`str`, *optional*):
+            The reported metric checkpoints are ranked by, lowest best (`checkpoint.keep_best_by`).
+
+    Returns:
+        `ray.train.CheckpointConfig`
+
+    Example:
+
+    ```python
+    >>> config = checkpoint_config(1, "eval_loss")
+    >>> config.num_to_keep, config.checkpoint_score_attribute, config.checkpoint_score_order
+    (1, 'eval_loss', 'min')
+    ```
+    """
+    from ray.train import CheckpointConfig
+
+    if score_attribute is None:
+        return CheckpointConfig(num_to_keep=keep)
+    return CheckpointConfig(
+        num_to_keep=keep, checkpoint_score_attribute=score_attribute, checkpoint_score_order="min"
+    )
+
+
+NODE_START_TIMEOUT = "timed out during startup"
+
+
+def node_start_timed_out(exc: BaseException) -> bool:
+    """Whether `ray.init` failed because the node it started did not register in time (item 6).
+
+    Example:
+
+    ```python
+    >>> node_start_timed_out(Exception("The current node timed out during startup. This could happen ..."))
+    True
+    ```
+    """
+    return NODE_START_TIMEOUT in str(exc)
+
+
+def stop_child_processes(timeout: float = 10.0) -> int:
+    """Stop every process this one started (a failed `ray.init`'s GCS, raylet and agents; item 6): SIGTERM, then
+    SIGKILL for those still alive after `timeout` seconds. Only called before this process started anything else.
+
+    Returns:
+        `int`: How many there were.
+    """
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(children)

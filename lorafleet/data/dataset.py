@@ -1,15 +1,75 @@
-"""A job's training data as the workers receive it: tokenized once, on the driver ([`TrainingData`])."""
+"""A job's training data as the workers receive it: tokenized once, on the driver ([`TrainingData`]).
+
+With evaluation on, the held-out samples travel in the same object (`TrainingData.eval_samples`): from
+`data.eval_path`, or from the records of `data.path` that [`held_out_split`] sets aside (`data.eval_fraction`).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
+
+import torch
 
 from lorafleet.constants import IGNORE_INDEX
 from lorafleet.data.alora import Invocation
 from lorafleet.data.encode import prepare_samples
 from lorafleet.data.plan import BatchPlan
-from lorafleet.spec import JobSpec
+from lorafleet.data.records import load_records
+from lorafleet.spec import DataSpec, JobSpec, SpecError
+
+
+def held_out_split(num_records: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split record indices into (training, held-out) for `data.eval_fraction`, deterministically by `seed`.
+
+    The held-out records are the first `floor(fraction * num_records)` indices of `torch.randperm(num_records)` drawn
+    from a generator seeded with `seed` (`training.seed`); both lists are returned in file order, so the training
+    records are batched exactly as a file without them would be. The same seed and file give the same split on every
+    machine and every re-submit.
+
+    Args:
+        num_records (`int`): Records in `data.path`.
+        fraction (`float`): `data.eval_fraction`, in (0, 1).
+        seed (`int`): `training.seed`.
+
+    Returns:
+        `tuple[list[int], list[int]]`: Training and held-out record indices, disjoint, together all of them.
+
+    Raises:
+        [`~lorafleet.spec.SpecError`]: One line naming `data.eval_fraction` when either side would be empty.
+
+    Example:
+
+    ```python
+    >>> train, held_out = held_out_split(10, 0.2, seed=42)
+    >>> len(train), len(held_out), sorted(train + held_out) == list(range(10))
+    (8, 2, True)
+    ```
+    """
+    count = math.floor(fraction * num_records)
+    if count == 0 or count == num_records:
+        side = "the held-out set" if count == 0 else "training"
+        raise SpecError(
+            f"data.eval_fraction: {fraction} of {num_records} records leaves {side} empty "
+            f"(held out: floor({fraction} x {num_records}) = {count}); change it or use data.eval_path"
+        )
+    order = torch.randperm(num_records, generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = sorted(order[:count])
+    chosen = set(held_out)
+    return [i for i in range(num_records) if i not in chosen], held_out
+
+
+def _eval_records(spec: DataSpec) -> list[dict]:
+    """The records of `data.eval_path`; the readers word their errors for `data.path`, so they are renamed."""
+    try:
+        return load_records(spec.model_copy(update={"path": spec.eval_path}))
+    except SpecError as exc:
+        raise SpecError(*(p.replace("data.path:", "data.eval_path:", 1) for p in exc.problems)) from None
+
+
+def _targets(samples: Sequence[dict]) -> list[int]:
+    return [sum(1 for label in s["labels"][1:] if label != IGNORE_INDEX) for s in samples]
 
 
 @dataclass
@@ -26,9 +86,13 @@ class TrainingData:
         source (`dict`, *optional*, defaults to `{}`):
             The fingerprint of the data files the samples were read from
             ([`~lorafleet.train.driver.data_fingerprint`], set by the driver); every checkpoint records it.
+        eval_samples (`list[dict]`, *optional*, defaults to `[]`):
+            The held-out samples, in file order, never packed (so `eval.max_samples` counts records) and masked like
+            the training ones (prompt, aLoRA invocation); empty when evaluation is off.
 
     Attributes:
         targets (`list[int]`): Per sample, the tokens the loss counts (labels after the causal shift that are not -100).
+        eval_targets (`list[int]`): The same for `eval_samples`.
 
     Example:
 
@@ -36,8 +100,11 @@ class TrainingData:
     >>> from lorafleet.data.tokenizer import load_tokenizer
     >>> from lorafleet.spec import load_spec
     >>> data = TrainingData.from_spec(load_spec("jobs/llama.yaml"), load_tokenizer())
-    >>> len(data.samples) == len(data.targets), data.invocation_tokens
-    (True, None)
+    >>> len(data.samples) == len(data.targets), data.invocation_tokens, data.eval_samples
+    (True, None, [])
+    >>> held_out = TrainingData.from_spec(load_spec("jobs/llama.yaml", ["data.eval_fraction=0.1"]), load_tokenizer())
+    >>> len(held_out.samples), len(held_out.eval_samples)
+    (2700, 300)
     ```
     """
 
@@ -45,10 +112,13 @@ class TrainingData:
     pad_token_id: int
     invocation_tokens: list[int] | None = None
     source: dict[str, Any] = field(default_factory=dict, repr=False)
+    eval_samples: list[dict] = field(default_factory=list, repr=False)
     targets: list[int] = field(init=False, repr=False)
+    eval_targets: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.targets = [sum(1 for label in s["labels"][1:] if label != IGNORE_INDEX) for s in self.samples]
+        self.targets = _targets(self.samples)
+        self.eval_targets = _targets(self.eval_samples)
 
     @classmethod
     def from_spec(cls, spec: JobSpec, tokenizer, warn: bool = False) -> TrainingData:
@@ -62,11 +132,38 @@ class TrainingData:
 
         Raises:
             [`~lorafleet.spec.SpecError`]: For data that cannot be trained on (bad records, no sample left, samples
-            without the invocation).
+            without the invocation), a bad `data.eval_path`, or an `eval_fraction` that leaves a side empty.
         """
         invocation = Invocation.from_spec(spec, tokenizer, warn=warn)
-        samples = prepare_samples(spec.data, tokenizer, invocation=invocation)
-        return cls(samples, tokenizer.pad_token_id, invocation.tokens if invocation is not None else None)
+        data = spec.data
+        every = records = eval_records = None
+        if data.eval_fraction is not None:
+            every = load_records(data)
+            train, held_out = held_out_split(len(every), data.eval_fraction, spec.training.seed)
+            records, eval_records = [every[i] for i in train], [every[i] for i in held_out]
+        elif data.eval_path is not None:
+            eval_records = _eval_records(data)
+        # Unpacked: the held-out loss is then per record whatever `packing` says, and `eval.max_samples` counts records.
+        unpacked = data.model_copy(update={"packing": False})
+        if every is not None:
+            try:
+                samples = prepare_samples(data, tokenizer, records, invocation=invocation)
+                eval_samples = prepare_samples(unpacked, tokenizer, eval_records, invocation=invocation)
+            except SpecError:
+                # Record numbers in the error count within one side of the split; the whole file's error (if it has
+                # one) numbers them as in the file.
+                prepare_samples(unpacked, tokenizer, every, invocation=invocation)
+                raise
+        else:
+            samples = prepare_samples(data, tokenizer, records, invocation=invocation)
+            eval_samples = []
+            if eval_records is not None:
+                try:
+                    eval_samples = prepare_samples(unpacked, tokenizer, eval_records, invocation=invocation)
+                except SpecError as exc:
+                    raise SpecError(*(p.replace("data.path:", "data.eval_path:", 1) for p in exc.problems)) from None
+        tokens = invocation.tokens if invocation is not None else None
+        return cls(samples, tokenizer.pad_token_id, tokens, eval_samples=eval_samples)
 
     def plan(self, spec: JobSpec) -> BatchPlan:
         """The job's [`~lorafleet.data.plan.BatchPlan`] over these samples (global batch size, seed, shuffle)."""

@@ -23,7 +23,7 @@ from lorafleet.compat.transformers import cache_argument
 from lorafleet.data.alora import find_invocation
 from lorafleet.model.build import load_tokenizer_for
 from lorafleet.model.device import torch_dtype
-from lorafleet.runstore.checkpoint import ADAPTER_FILES, INFO_FILE, check_adapter
+from lorafleet.runstore.checkpoint import ADAPTER_FILES, INFO_FILE, check_adapter, read_info
 from lorafleet.runstore.location import fetch_files, split_uri
 
 
@@ -57,6 +57,29 @@ def fetch_adapter(uri: str, endpoint: Optional[str] = None) -> Path:
     fetch_files(uri, (*ADAPTER_FILES, INFO_FILE), target, endpoint=endpoint, optional=(INFO_FILE,))
     check_adapter(target)
     return target
+
+
+def saved_template(directory: Union[str, Path]) -> dict[str, Any]:
+    """How the job that trained the adapter in `directory` rendered its data, from the checkpoint's `lorafleet.json`.
+
+    Args:
+        directory (`str` or `Path`): A local adapter directory ([`fetch_adapter`]).
+
+    Returns:
+        `dict`: `format` (`text`, `instruction` or `chat`), `max_length` and `train_on_inputs` of the job's `data`
+        section; `{}` for an adapter without them (a plain PEFT directory, or a checkpoint of an earlier version).
+
+    Example:
+
+    ```python
+    >>> saved_template("/path/to/run/checkpoint_000002")  # doctest: +SKIP
+    {'format': 'instruction', 'max_length': 128, 'train_on_inputs': False}
+    >>> saved_template(tempfile.mkdtemp())
+    {}
+    ```
+    """
+    template = read_info(directory).get("template")
+    return dict(template) if isinstance(template, dict) and template.get("format") else {}
 
 
 def adapter_config(uri: str, endpoint: Optional[str] = None) -> dict[str, Any]:

@@ -341,15 +341,19 @@ def stage_job(spec: Any, folder: Path) -> Path:
             f"model.name_or_path: the local directory {name} is not shipped to remote clusters; use a hub id or "
             "`model.architecture`, or run `lorafleet submit` on the cluster"
         )
-    data = Path(spec.data.path)
-    target = folder / "data" / data.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if data.is_dir():
-        shutil.copytree(data, target)
-    else:
-        shutil.copy2(data, target)
     raw = json.loads(spec.model_dump_json())
-    raw["data"]["path"] = f"data/{data.name}"
+    # The held-out file (`data.eval_path`) goes in a folder of its own: it may share the training file's name.
+    for key, under in (("path", "data"), ("eval_path", "eval")):
+        if raw["data"].get(key) is None:
+            continue
+        data = Path(raw["data"][key])
+        target = folder / under / data.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if data.is_dir():
+            shutil.copytree(data, target)
+        else:
+            shutil.copy2(data, target)
+        raw["data"][key] = f"{under}/{data.name}"
     path = folder / "spec.json"
     path.write_text(json.dumps(raw, indent=2))
     return path

@@ -31,9 +31,10 @@ def run_shipped_spec(spec_json: str) -> int:
     """
     raw = json.loads(Path(spec_json).read_text())
     data = raw.get("data") or {}
-    if isinstance(data.get("path"), str) and not Path(data["path"]).is_absolute():
-        # Absolute in the job's working_dir: Ray unpacks it at the same path on every node of the cluster.
-        data["path"] = str((Path(spec_json).resolve().parent / data["path"]).resolve())
+    for key in ("path", "eval_path"):
+        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+            # Absolute in the job's working_dir: Ray unpacks it at the same path on every node of the cluster.
+            data[key] = str((Path(spec_json).resolve().parent / data[key]).resolve())
     try:
         spec = load_spec(raw=raw)
         print(f"lorafleet: {spec.name}: {spec.scaling.num_workers} worker(s), storage {spec.storage_uri}", file=sys.stderr)

@@ -158,7 +158,7 @@ def filesystem_for(scheme: str, endpoint: Optional[str] = None) -> fs.FileSystem
 def list_checkpoint_dirs(filesystem: fs.FileSystem, run_path: str) -> list[str]:
     """Paths of the `checkpoint_*` folders directly under a run folder, in name (= creation time) order.
 
-    [`RunLocation.checkpoint_dirs`] lists its own run; a worker lists the run of the checkpoint Ray Train gave it.
+    A folder that cannot be listed (storage away, no run yet) has none.
     """
     try:
         infos = filesystem.get_file_info(fs.FileSelector(run_path, allow_not_found=True))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 from typing import Any, Optional
 
 from lorafleet.runstore.location import METRICS_FILE, PLOT_FILE, RunLocation
@@ -30,6 +31,7 @@ _GAUGES = {
     "lorafleet_train_peak_rss_bytes": ("peak_rss_mb", "Peak resident memory of the rank-0 worker.", 1024.0 * 1024.0),
     "lorafleet_train_grad_norm": ("grad_norm", "Gradient norm before clipping.", 1.0),
     "lorafleet_train_step": ("step", "Optimizer steps completed.", 1.0),
+    "lorafleet_eval_loss": ("eval_loss", "Held-out loss (token mean over the held-out set), at evaluation steps.", 1.0),
 }
 
 
@@ -91,8 +93,33 @@ def read_metrics(location: RunLocation) -> list[dict[str, Any]]:
     return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
 
 
+def eval_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The held-out results of a run's step records: `eval_loss` (the last evaluation), `best_eval_loss` and
+    `best_step` (the lowest finite one, the earliest on ties); `{}` when no record has an `eval_loss`.
+
+    Example:
+
+    ```python
+    >>> eval_summary([{"step": 2, "eval_loss": 2.5}, {"step": 3}, {"step": 4, "eval_loss": 2.7}])
+    {'eval_loss': 2.7, 'best_eval_loss': 2.5, 'best_step': 2}
+    >>> eval_summary([{"step": 1, "loss": 3.0}])
+    {}
+    ```
+    """
+    evaluated = [r for r in records if isinstance(r.get("eval_loss"), (int, float))]
+    if not evaluated:
+        return {}
+    out: dict[str, Any] = {"eval_loss": evaluated[-1]["eval_loss"]}
+    finite = [r for r in evaluated if math.isfinite(r["eval_loss"])]
+    if finite:
+        best = min(finite, key=lambda r: (r["eval_loss"], r["step"]))
+        out.update(best_eval_loss=best["eval_loss"], best_step=best["step"])
+    return out
+
+
 def loss_plot(history: list[dict[str, Any]], title: str) -> bytes:
-    """A PNG of loss (and learning rate, on a second axis) against step.
+    """A PNG of loss (and learning rate, on a second axis) against step; with held-out evaluations, their loss on
+    the same axis and the best one marked.
 
     Example:
 
@@ -100,6 +127,8 @@ def loss_plot(history: list[dict[str, Any]], title: str) -> bytes:
     >>> png = loss_plot([{"step": 1, "loss": 3.0, "lr": 1e-3}, {"step": 2, "loss": 2.0, "lr": 1e-3}], "demo")
     >>> png[:8] == b"\\x89PNG\\r\\n\\x1a\\n"
     True
+    >>> loss_plot([{"step": 1, "loss": 3.0, "eval_loss": 3.2}, {"step": 2, "loss": 2.0, "eval_loss": 2.9}], "demo")[:4]
+    b'\\x89PNG'
     ```
     """
     import matplotlib
@@ -110,7 +139,16 @@ def loss_plot(history: list[dict[str, Any]], title: str) -> bytes:
     steps = [h["step"] for h in history]
     figure = Figure(figsize=(6.4, 3.6), dpi=100)
     axis = figure.add_subplot()
-    axis.plot(steps, [h["loss"] for h in history], color="tab:blue", marker="." if len(steps) < 50 else None)
+    axis.plot(steps, [h["loss"] for h in history], color="tab:blue", marker="." if len(steps) < 50 else None,
+              label="training")
+    evaluated = [h for h in history if isinstance(h.get("eval_loss"), (int, float))]
+    if evaluated:
+        axis.plot([h["step"] for h in evaluated], [h["eval_loss"] for h in evaluated], color="tab:green", marker="o",
+                  markersize=3, label="validation")
+        best = eval_summary(evaluated)
+        if "best_step" in best:
+            axis.scatter([best["best_step"]], [best["best_eval_loss"]], s=80, marker="*", color="tab:red", zorder=3,
+                         label=f"best: {best['best_eval_loss']:.4f} at step {best['best_step']}")
     axis.set_xlabel("step")
     axis.set_ylabel("loss", color="tab:blue")
     axis.set_title(title)
@@ -119,10 +157,32 @@ def loss_plot(history: list[dict[str, Any]], title: str) -> bytes:
         lr_axis = axis.twinx()
         lr_axis.plot(steps, [h["lr"] for h in history], color="tab:orange", alpha=0.6, linewidth=1)
         lr_axis.set_ylabel("learning rate", color="tab:orange")
+    if evaluated:
+        # On the topmost axis, so the learning-rate curve is not drawn over it.
+        top = figure.axes[-1]
+        top.legend(*axis.get_legend_handles_labels(), loc="upper right", fontsize="small", framealpha=0.9)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def run_records(location: RunLocation, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The step records of a whole run: a resumed run's own `history` after the earlier records of `metrics.jsonl` up
+    to the step it resumed from (what [`write_run_artifacts`] writes, and the run summary's best evaluation reads).
+
+    Example:
+
+    ```python
+    >>> run_records(RunLocation("/tmp/lorafleet-doc-runs", "never-ran"), [{"step": 1, "loss": 3.0, "kernels": {}}])
+    [{'step': 1, 'loss': 3.0}]
+    ```
+    """
+    start = int(history[0].get("start_step", 0) or 0) if history else 0
+    earlier: list[dict[str, Any]] = []
+    if start > 0:
+        earlier = [r for r in read_metrics(location) if r["step"] <= start]
+    return earlier + [{k: v for k, v in h.items() if k != "kernels"} for h in history]
 
 
 def write_run_artifacts(location: RunLocation, history: list[dict[str, Any]]) -> Optional[dict[str, str]]:
@@ -154,11 +214,7 @@ def write_run_artifacts(location: RunLocation, history: list[dict[str, Any]]) ->
     if not history:
         return None
     try:
-        start = int(history[0].get("start_step", 0) or 0)
-        earlier: list[dict[str, Any]] = []
-        if start > 0:
-            earlier = [r for r in read_metrics(location) if r["step"] <= start]
-        records = earlier + [{k: v for k, v in h.items() if k != "kernels"} for h in history]
+        records = run_records(location, history)
         location.write(METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records).encode())
         location.write(PLOT_FILE, loss_plot(records, location.name))
         return location.artifacts()

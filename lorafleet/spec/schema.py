@@ -1,8 +1,8 @@
 """The job spec: one validated object that the driver hands to every worker.
 
 A spec is a YAML file with fixed top-level sections (`name`, `model`, `quantization`, `lora`, `alora`, `data`,
-`training`, `scaling`, `checkpoint`, `kernels`). Each field's `description` below is its documentation; `jobs/README.md`
-is generated from the same text by `lorafleet spec-doc`.
+`training`, `scaling`, `checkpoint`, `eval`, `kernels`). Each field's `description` below is its documentation;
+`jobs/README.md` is generated from the same text by `lorafleet spec-doc`.
 
 Every problem with a spec is reported at once by one [`SpecError`]: one line per problem, each naming its field, in
 the order the fields appear in the file (then `--set` overrides, in the order given), so the CLI can print them all
@@ -200,6 +200,29 @@ class DataSpec(_Section):
     )
     train_on_inputs: bool = Field(False, description="Also train on prompt tokens (instruction and chat formats).")
     shuffle: bool = Field(True, description="Shuffle samples every epoch (seeded by `training.seed`).")
+    eval_path: Optional[str] = Field(
+        None,
+        description="A held-out file (any format `path` accepts) whose loss is measured during training (see `eval`). "
+        "Exclusive with `eval_fraction`.",
+    )
+    eval_fraction: Optional[float] = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="Hold out this fraction of the records of `path` for evaluation (floor of fraction x records, "
+        "chosen by a permutation seeded by `training.seed`); held-out records never train. Exclusive with `eval_path`.",
+    )
+
+    @model_validator(mode="after")
+    def _one_held_out_set(self) -> "DataSpec":
+        if self.eval_path is not None and self.eval_fraction is not None:
+            raise ValueError("give at most one of `eval_path` or `eval_fraction`")
+        return self
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the job has a held-out set (`eval_path` or `eval_fraction`), i.e. evaluation is on."""
+        return self.eval_path is not None or self.eval_fraction is not None
 
 
 class TrainingSpec(_Section):
@@ -263,7 +286,19 @@ class CheckpointSpec(_Section):
         "Default: $LORAFLEET_HOME/runs (~/.lorafleet/runs).",
     )
     every_n_steps: int = Field(50, gt=0, description="Save (adapter + optimizer state) every this many steps and at the end.")
-    keep: int = Field(2, gt=0, description="Newest checkpoints kept in storage.")
+    keep: int = Field(
+        2,
+        gt=0,
+        description="Checkpoints kept in storage: the newest ones, or with `keep_best_by` the best ones by it; the "
+        "latest checkpoint is always kept as well (so at most `keep` + 1 folders).",
+    )
+    keep_best_by: Optional[Literal["eval_loss"]] = Field(
+        None,
+        description="Rank checkpoints by this metric (lowest best) and keep the best `keep` of them plus the latest, "
+        "so pruning never deletes the best adapter; every checkpoint step is then evaluated too. Default: `eval_loss` "
+        "when evaluation is on (`data.eval_path` or `data.eval_fraction`), else null (keep the newest); set null to "
+        "keep the newest with evaluation on.",
+    )
     endpoint: Optional[str] = Field(None, description="Object-store endpoint URL: an S3-compatible server (default `AWS_ENDPOINT_URL`), or a GCS emulator (default `STORAGE_EMULATOR_HOST`; `http://` goes without credentials).")
 
     @field_validator("storage")
@@ -290,6 +325,31 @@ class CheckpointSpec(_Section):
         return value
 
 
+class EvalSpec(_Section):
+    every_n_steps: Optional[int] = Field(
+        None,
+        gt=0,
+        description="Measure the held-out loss every this many steps and at the last step. Default: "
+        "`checkpoint.every_n_steps`.",
+    )
+    max_samples: Optional[int] = Field(
+        None, gt=0, description="Evaluate only the first this many held-out samples (default: all of them)."
+    )
+    early_stopping_patience: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Stop the run after this many evaluations in a row without an improvement of more than "
+        "`min_delta` over the best held-out loss so far; it ends as succeeded, with a checkpoint at that step "
+        "(`stopped_early` and `best_adapter_uri` in the summary). Default: never stop early.",
+    )
+    min_delta: float = Field(
+        0.0,
+        ge=0.0,
+        description="How much lower than the best so far a held-out loss must be to count as an improvement "
+        "(with `early_stopping_patience`).",
+    )
+
+
 class KernelsSpec(_Section):
     enabled: bool = Field(True, description="Use lorafleet's fused LoRA paths where the layer layout allows.")
     mlp: bool = Field(True, description="Fuse gate/up/down projections, their LoRA and the gated activation.")
@@ -308,6 +368,10 @@ class JobSpec(_Section):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    eval: EvalSpec = Field(
+        default_factory=EvalSpec,
+        description="Held-out evaluation, on when `data.eval_path` or `data.eval_fraction` is set.",
+    )
     kernels: KernelsSpec = Field(default_factory=KernelsSpec)
 
     @field_validator("name")
@@ -318,6 +382,67 @@ class JobSpec(_Section):
                 f"'{value}' is not a safe job name (1-64 of letters, digits, '.', '_', '-'; starting with a letter or digit)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _eval_needs_held_out_data(self) -> "JobSpec":
+        # By value, not `model_fields_set`: a spec sent to the workers as JSON carries every field, defaults included.
+        e = self.eval
+        asked = (e.every_n_steps, e.max_samples, e.early_stopping_patience)
+        if (any(v is not None for v in asked) or e.min_delta) and not self.data.evaluates:
+            # A loc-less error: the message names the section itself.
+            raise ValueError("eval: evaluation needs held-out data: set `data.eval_path` or `data.eval_fraction`")
+        if e.min_delta and e.early_stopping_patience is None:
+            raise ValueError("eval.min_delta: only counts with `eval.early_stopping_patience`; set that too")
+        return self
+
+    @model_validator(mode="after")
+    def _keep_best_by_default(self) -> "JobSpec":
+        # The one place the default is decided. Absent (not in `model_fields_set`): `eval_loss` when evaluation is on;
+        # an explicit null keeps the newest. A spec sent to the workers as JSON carries the resolved value.
+        ckpt = self.checkpoint
+        if "keep_best_by" not in ckpt.model_fields_set:
+            if self.data.evaluates:
+                ckpt.keep_best_by = "eval_loss"
+        elif ckpt.keep_best_by is not None and not self.data.evaluates:
+            raise ValueError(
+                f"checkpoint.keep_best_by: ranking checkpoints by {ckpt.keep_best_by} needs held-out data: set "
+                "`data.eval_path` or `data.eval_fraction`"
+            )
+        return self
+
+    @property
+    def eval_every_n_steps(self) -> Optional[int]:
+        """Steps between held-out evaluations (`eval.every_n_steps`, else `checkpoint.every_n_steps`); `None` when
+        evaluation is off. The last step is always evaluated too."""
+        if not self.data.evaluates:
+            return None
+        return self.eval.every_n_steps or self.checkpoint.every_n_steps
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether the held-out set is evaluated after `step` (1-based): every `eval_every_n_steps`, at the last step,
+        and, with `checkpoint.keep_best_by`, at every checkpoint step, so each checkpoint carries its own adapter's
+        score. An early stop's own step is evaluated by definition (it is decided by an evaluation).
+
+        Example:
+
+        ```python
+        >>> spec = load_spec("jobs/llama.yaml", ["data.eval_fraction=0.1", "eval.every_n_steps=3",
+        ...                                       "checkpoint.every_n_steps=2", "training.steps=7", "training.warmup=1"])
+        >>> [step for step in range(1, 8) if spec.evaluates_at(step)]
+        [2, 3, 4, 6, 7]
+        ```
+        """
+        every = self.eval_every_n_steps
+        if every is None:
+            return False
+        if step % every == 0 or step == self.training.steps:
+            return True
+        return self.checkpoint.keep_best_by is not None and self.checkpoints_at(step)
+
+    def checkpoints_at(self, step: int) -> bool:
+        """Whether a checkpoint is taken after `step` (1-based) on schedule: every `checkpoint.every_n_steps` and at
+        the last step (an early stop or a stop request adds its own)."""
+        return step % self.checkpoint.every_n_steps == 0 or step == self.training.steps
 
     @property
     def storage_uri(self) -> str:
@@ -415,8 +540,9 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     """Make relative local paths in `raw` absolute against `base` (the spec file's folder, or the working
     directory for `--set` values), so a spec means the same thing wherever `lorafleet` is run from."""
     data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str):
-        data["path"] = str((base / Path(data["path"]).expanduser()).resolve())
+    for key in ("path", "eval_path"):
+        if isinstance(data, dict) and isinstance(data.get(key), str):
+            data[key] = str((base / Path(data[key]).expanduser()).resolve())
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
         value = model["name_or_path"]
@@ -443,18 +569,19 @@ def _file_problems(raw: dict, invalid: list[Loc]) -> list[tuple[Loc, str]]:
         return node if isinstance(node, str) else None
 
     problems: list[tuple[Loc, str]] = []
-    where = ("data", "path")
-    value = valid_str(*where)
-    if value is not None:
-        data = Path(value)
+    for where in (("data", "path"), ("data", "eval_path")):
+        value = valid_str(*where)
+        if value is None:
+            continue
+        field, data = ".".join(where), Path(value)
         saved = ("dataset_info.json", "state.json", "dataset_dict.json")
         if not data.exists():
-            problems.append((where, f"data.path: no such file or directory: {data}"))
+            problems.append((where, f"{field}: no such file or directory: {data}"))
         elif data.is_file() and data.suffix not in (".jsonl", ".json", ".parquet"):
-            problems.append((where, f"data.path: unsupported file type '{data.suffix}' "
+            problems.append((where, f"{field}: unsupported file type '{data.suffix}' "
                                     "(use .jsonl, .json, .parquet or a saved dataset dir)"))
         elif data.is_dir() and not any((data / name).exists() for name in saved):
-            problems.append((where, f"data.path: {data} is not a directory saved by datasets' save_to_disk"))
+            problems.append((where, f"{field}: {data} is not a directory saved by datasets' save_to_disk"))
     where = ("model", "name_or_path")
     name = valid_str(*where)
     if name is not None:

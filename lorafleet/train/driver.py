@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import queue as _queue
 import signal
@@ -28,13 +29,19 @@ from typing import Any, Optional
 
 from pyarrow import fs
 
-from lorafleet.compat.ray import in_submitted_job, train_env
+from lorafleet.compat.ray import (
+    checkpoint_config,
+    in_submitted_job,
+    node_start_timed_out,
+    stop_child_processes,
+    train_env,
+)
 from lorafleet.data.dataset import TrainingData
 from lorafleet.model.build import load_tokenizer_for, resolve_base_model
 from lorafleet.runstore.checkpoint import INFO_FILE, expected_files
 from lorafleet.runstore.lease import RunLease
 from lorafleet.runstore.location import RunLocation, storage_env
-from lorafleet.runstore.monitoring import write_run_artifacts
+from lorafleet.runstore.monitoring import eval_summary, run_records, write_run_artifacts
 from lorafleet.runstore.storage import UPLOAD_RETRY_S
 from lorafleet.spec import JobSpec, SpecError
 from lorafleet.train.worker import (
@@ -69,11 +76,23 @@ class RunSummary:
     already_complete: bool = False
     # An interrupted run (`status` "interrupted"): the step of its last complete checkpoint, where a re-submit resumes.
     resume_step: Optional[int] = None
+    # With evaluation on (`data.eval_path` / `data.eval_fraction`): the last held-out loss, and the lowest one with
+    # its step, over the whole run (a resumed run's earlier steps included).
+    eval_loss: Optional[float] = None
+    best_eval_loss: Optional[float] = None
+    best_step: Optional[int] = None
+    # With evaluation on: the kept checkpoint with the lowest held-out loss (`adapter_uri` stays the latest one).
+    best_adapter_uri: Optional[str] = None
+    # The run ended before `training.steps` because `eval.early_stopping_patience` evaluations did not improve.
+    stopped_early: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        if out["error"] is None:
-            out.pop("error")
+        if not out["stopped_early"]:
+            out.pop("stopped_early")
+        for name in ("error", "eval_loss", "best_eval_loss", "best_step", "best_adapter_uri"):
+            if out[name] is None:
+                out.pop(name)
         if not out["kernels_skipped"]:
             out.pop("kernels_skipped")
         if out["status"] != "interrupted":
@@ -116,6 +135,12 @@ def prepare(spec: JobSpec) -> Prepared:
     # Fingerprinted before reading: were the file to change in between, the checkpoints would claim the older
     # content, and the next submit would see a change rather than miss one.
     source = data_fingerprint(spec.data.path)
+    # The held-out set is part of what a checkpoint was made from: `eval_fraction` decides which records train,
+    # and a best evaluation is only comparable on one held-out set (see preflight).
+    if spec.data.eval_path is not None:
+        source["eval_path"] = data_fingerprint(spec.data.eval_path)
+    if spec.data.eval_fraction is not None:
+        source["eval_fraction"] = spec.data.eval_fraction
     # aLoRA: the invocation must tokenize to something, and every sample must contain it (or be dropped on request);
     # checked here so a bad invocation or bad data fails at submit time, never as a sample silently trained as base.
     data = TrainingData.from_spec(spec, tokenizer, warn=True)
@@ -203,7 +228,9 @@ def preflight(prepared: Prepared, location: RunLocation, fresh: bool = False) ->
     and deleted again), and, unless `fresh`, a run that already has checkpoints was trained on the same data.
 
     A job re-submitted with the same name and storage resumes from its latest checkpoint; over different data, the
-    same step would select other samples, and the adapter would silently mix two data sets. Checkpoints written before
+    same step would select other samples, and the adapter would silently mix two data sets. The held-out set counts
+    too: another `data.eval_fraction` trains other records, and evaluations on another `data.eval_path` file would
+    not compare with the earlier ones. Checkpoints written before
     lorafleet recorded fingerprints have none, and resume unchecked.
 
     Args:
@@ -240,12 +267,29 @@ def preflight(prepared: Prepared, location: RunLocation, fresh: bool = False) ->
     recorded = latest[1].get("data") if latest is not None else None
     if not isinstance(recorded, dict) or not recorded:
         return
-    change = data_change(recorded, prepared.data.source)
+    spec, step = prepared.spec, latest[1].get("step")
+    held_out = ("eval_fraction", "eval_path")  # the fraction first: it changes which records train
+    current = prepared.data.source
+    change = data_change(*({k: v for k, v in f.items() if k not in held_out} for f in (recorded, current)))
     if change is not None:
-        spec = prepared.spec
         raise SpecError(
             f"data.path: {spec.data.path} is not the data run '{spec.name}' was trained on up to step "
-            f"{latest[1].get('step')} ({change}); start over with --fresh, or use another name"
+            f"{step} ({change}); start over with --fresh, or use another name"
+        )
+    for key in held_out:
+        before, now = recorded.get(key), current.get(key)
+        if before == now:
+            continue
+        if key == "eval_fraction":
+            what = f"{before if before is not None else 'none'} -> {now if now is not None else 'none'}"
+            raise SpecError(
+                f"data.eval_fraction: run '{spec.name}' was trained up to step {step} with another held-out split "
+                f"({what}), so other records would train; start over with --fresh, or use another name"
+            )
+        what = "added" if before is None else "removed" if now is None else data_change(before, now)
+        raise SpecError(
+            f"data.eval_path: the held-out data of run '{spec.name}' differs from what it was evaluated on up to step "
+            f"{step} ({what}); start over with --fresh, or use another name"
         )
 
 
@@ -306,7 +350,15 @@ def start_ray(address: Optional[str] = None, verbose: bool = False) -> Optional[
     os.environ.update(train_env())
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except Exception as exc:
+            if target is not None or not node_start_timed_out(exc):
+                raise
+            # A loaded machine: Ray waits a fixed 30 s for the node it starts. Once more, without the first try's
+            # processes.
+            stop_child_processes()
+            ray.init(**kwargs)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         # Ray sends its auth token to an explicit address only in token mode, and `ray start` turns token auth on
@@ -342,7 +394,7 @@ def start_ray(address: Optional[str] = None, verbose: bool = False) -> Optional[
 def make_trainer(prepared: Prepared, channel: Any = None, step_hooks: Sequence[StepHook] = ()) -> Any:
     """Assemble the `TorchTrainer` for a prepared spec (`step_hooks`: see [`run_job`])."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
 
@@ -364,7 +416,8 @@ def make_trainer(prepared: Prepared, channel: Any = None, step_hooks: Sequence[S
             name=spec.name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+            # `keep_best_by`: the best `keep` by it plus the latest (lorafleet.compat.ray item 5).
+            checkpoint_config=checkpoint_config(spec.checkpoint.keep, spec.checkpoint.keep_best_by),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
         ),
     )
@@ -522,6 +575,34 @@ def remove_orphan_checkpoints(result: Any, location: RunLocation) -> int:
     return removed
 
 
+def best_checkpoint(result: Any) -> Any:
+    """The kept checkpoint of a finished fit with the lowest finite `eval_loss` (the earliest step on ties), or
+    `None` when none was evaluated. Ray Train's kept checkpoints (`best_checkpoints`) and the latest one are the
+    candidates: under `checkpoint.keep_best_by` they hold the best (lorafleet.compat.ray item 5); without it, the
+    best of the newest `checkpoint.keep`.
+
+    Example:
+
+    ```python
+    >>> from types import SimpleNamespace
+    >>> a, b = SimpleNamespace(path="/runs/x/checkpoint_a"), SimpleNamespace(path="/runs/x/checkpoint_b")
+    >>> result = SimpleNamespace(best_checkpoints=[(a, {"step": 2, "eval_loss": 2.1})], checkpoint=b,
+    ...                          metrics={"step": 6, "eval_loss": 2.4})
+    >>> best_checkpoint(result).path
+    '/runs/x/checkpoint_a'
+    ```
+    """
+    candidates = list(result.best_checkpoints or [])
+    if result.checkpoint is not None:
+        candidates.append((result.checkpoint, result.metrics or {}))
+    scored = [
+        (metrics["eval_loss"], metrics.get("step", 0), checkpoint)
+        for checkpoint, metrics in candidates
+        if isinstance(metrics.get("eval_loss"), (int, float)) and math.isfinite(metrics["eval_loss"])
+    ]
+    return min(scored, key=lambda item: item[:2])[2] if scored else None
+
+
 def run_job(
     spec: JobSpec,
     *,
@@ -662,14 +743,25 @@ def _train(
         elif event["event"] == "complete" and not history:
             summary.already_complete = True
             summary.steps = summary.start_step = int(event["step"])
+            summary.stopped_early = bool(event.get("stopped_early"))
     if history:
-
+        summary.stopped_early = bool(history[-1].get("stopped_early"))
         write_run_artifacts(location, history)  # metrics.jsonl + loss.png next to the checkpoints; never raises
+        if any("eval_loss" in h for h in history):
+            try:
+                records = run_records(location, history)
+            except (OSError, ValueError):  # the earlier records unreadable: the best of this attempt's steps
+                records = history
+            for name, value in eval_summary(records).items():
+                setattr(summary, name, value)
     if result is not None and result.checkpoint is not None:
 
         if summary.status == "succeeded":
             remove_orphan_checkpoints(result, location)
         summary.adapter_uri = location.display_uri(result.checkpoint.path)
+        best = best_checkpoint(result) if spec.data.evaluates else None
+        if best is not None:
+            summary.best_adapter_uri = location.display_uri(best.path)
     elif summary.status == "succeeded" and not summary.already_complete:
         summary.status, summary.error = "failed", "the run finished without a checkpoint"
     return summary

@@ -34,14 +34,16 @@ from lorafleet.runstore.checkpoint import (
     checkpoint_problem,
     cpu_copy,
     load_training_state,
+    read_info,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from lorafleet.runstore.location import list_checkpoint_dirs
+from lorafleet.runstore.location import RunLocation
 from lorafleet.runstore.monitoring import export_step
 from lorafleet.runstore.storage import upload_checkpoint
 from lorafleet.spec import JobSpec, spec_from_json
+from lorafleet.train.evaluate import eval_metrics, evaluate_loss
 from lorafleet.train.strategies import Strategy, is_distributed, make_strategy
 
 
@@ -101,29 +103,41 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _checkpoint_candidates():
-    """Ray Train's latest checkpoint, then the older checkpoint folders of the same run, newest first."""
+def _checkpoint_candidates(spec: JobSpec) -> list:
+    """The run's checkpoint folders in its storage, newest first, plus Ray Train's latest should the listing miss it.
+
+    Not only Ray Train's latest registered checkpoint: a run stopped (SIGTERM, a killed worker) after a checkpoint's
+    upload finished but before Ray Train registered it would otherwise resume from the one before, although
+    `lorafleet submit` already told the user the newer step.
+    """
     import ray.train
 
 
+    location = RunLocation.of(spec)
+    folders = reversed(location.checkpoint_dirs())
+    candidates = [ray.train.Checkpoint(path=path, filesystem=location.filesystem) for path in folders]
     latest = ray.train.get_checkpoint()
-    if latest is None:
-        return []
-    run_path = latest.path.rstrip("/").rsplit("/", 1)[0]
-    older = [p for p in list_checkpoint_dirs(latest.filesystem, run_path) if p.rstrip("/") < latest.path.rstrip("/")]
-    return [latest] + [ray.train.Checkpoint(path=p, filesystem=latest.filesystem) for p in reversed(older)]
+    if latest is not None and _folder_name(latest.path) not in {_folder_name(c.path) for c in candidates}:
+        candidates.insert(0, latest)
+    return candidates
 
 
-def resume(strategy, ctx: WorkerContext, channel=None) -> int:
+def _folder_name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def resume(strategy, spec: JobSpec, ctx: WorkerContext, channel=None, info: Optional[dict] = None) -> int:
     """Restore adapter, optimizer, scheduler and RNG from the run's latest complete checkpoint; return the step to start at.
 
-    Ray Train hands over the latest *registered* checkpoint (one that every worker finished uploading). It is
-    still verified file by file ([`~lorafleet.runstore.checkpoint.checkpoint_problem`]: sizes and checksums): should it have
-    been damaged in storage, the previous complete checkpoint is used instead, and rank 0 tells the driver (through
-    `channel`) which one it skipped and why. Rank 0 chooses and tells the others, so all ranks resume from the same one.
+    The run's checkpoint folders are tried newest first ([`_checkpoint_candidates`]), each verified file by file
+    ([`~lorafleet.runstore.checkpoint.checkpoint_problem`]: sizes and checksums): one that is incomplete (the run
+    stopped while writing it) or damaged in storage is skipped for the one before, and rank 0 tells the driver
+    (through `channel`) which one it skipped and why. Rank 0 chooses and tells the others, so all ranks resume from the
+    same one. When `info` is given, it is filled with the chosen checkpoint's `lorafleet.json` (e.g. its
+    [`EvalProgress`]).
     """
 
-    candidates = _checkpoint_candidates()
+    candidates = _checkpoint_candidates(spec)
     choice = [None]
     if ctx.rank == 0:
         for index, candidate in enumerate(candidates):
@@ -146,6 +160,8 @@ def resume(strategy, ctx: WorkerContext, channel=None) -> int:
         return 0
     with candidates[choice[0]].as_directory() as directory:
         state = load_training_state(directory, ctx.rank)
+        if info is not None:
+            info.update(read_info(directory))
     strategy.load_adapter_state(state["adapter"])
     strategy.load_optimizer_state(state["optimizer"])
     if state["optimizer_shard"] is not None:
@@ -197,7 +213,12 @@ def gather_rng_states(ctx: WorkerContext) -> Optional[dict[int, dict[str, Any]]]
 
 
 def save_and_report(
-    metrics: dict[str, Any], strategy, spec: JobSpec, ctx: WorkerContext, data_source: Optional[dict] = None
+    metrics: dict[str, Any],
+    strategy,
+    spec: JobSpec,
+    ctx: WorkerContext,
+    data_source: Optional[dict] = None,
+    extra_info: Optional[dict] = None,
 ) -> None:
     """Take this worker's share of a checkpoint and report it (with the step's metrics) to Ray Train.
 
@@ -207,7 +228,8 @@ def save_and_report(
     (`checkpoint_upload_mode=ASYNC`) while training continues, with [`~lorafleet.runstore.storage.upload_checkpoint`] retrying
     failed copies; Ray registers the checkpoint only after every worker's upload returned. A worker with nothing to
     write (DDP ranks other than 0) reports the metrics alone. Ray deletes the local folder once uploaded, so it lives in
-    a fresh temporary directory rather than a context manager's.
+    a fresh temporary directory rather than a context manager's. `extra_info` goes into the checkpoint's
+    `lorafleet.json` (the evaluation progress a resume continues from).
     """
     import ray.train
     from ray.train import CheckpointUploadMode
@@ -239,7 +261,9 @@ def save_and_report(
                 peft_model=strategy.peft_model,
                 world_size=ctx.world_size,
                 # `data`: what a re-submit compares its data with before resuming (lorafleet.train.driver.preflight)
-                info={"job": spec.name, "loss": metrics["loss"], "data": data_source or {}},
+                info={"job": spec.name, "loss": metrics["loss"], "data": data_source or {},
+                      "template": spec.data.model_dump(include={"format", "max_length", "train_on_inputs"}),
+                      **(extra_info or {})},
                 rng_states=rng_states,
                 **state,
             )
@@ -445,6 +469,79 @@ def train_step(
     }
 
 
+def held_out_metrics(strategy: Strategy, data: TrainingData, ctx: WorkerContext, spec: JobSpec) -> dict[str, Any]:
+    """The held-out evaluation of the current adapter as metrics fields (`eval_loss`); every worker calls it at the
+    same step (a collective). Each evaluates its shard of `data.eval_samples` through the training loss module
+    ([`~lorafleet.train.evaluate.evaluate_loss`]) with training's micro-batch size and autocast."""
+    result = evaluate_loss(
+        strategy.module,
+        data.eval_samples,
+        data.pad_token_id,
+        device=ctx.device,
+        micro_batch_size=spec.training.micro_batch_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        max_samples=spec.eval.max_samples,
+        autocast=lambda: autocast(spec, ctx.device),
+        all_reduce=lambda values: _all_reduce_sum(values, ctx.device),
+    )
+    return eval_metrics(result)
+
+
+@dataclass
+class EvalProgress:
+    """Early stopping's count: the best held-out loss so far and how many evaluations since it (Keras' rule: a loss
+    is an improvement only when lower than the best by more than `eval.min_delta`, and only then becomes the best).
+
+    Every rank holds the same one (the evaluated loss is all-reduced), so all decide to stop at the same step. It is
+    recorded in each checkpoint's `lorafleet.json` (`eval_progress`), so a stopped and re-submitted run continues
+    counting where its checkpoint left off.
+
+    Args:
+        best (`float`, *optional*): The best loss so far (`None`: no finite evaluation yet).
+        best_step (`int`, *optional*): Its step.
+        since_best (`int`, *optional*, defaults to `0`): Evaluations since it without an improvement.
+
+    Example:
+
+    ```python
+    >>> progress = EvalProgress()
+    >>> for step, loss in [(1, 3.0), (2, 2.95), (3, 2.5), (4, 2.6)]:
+    ...     progress.update(loss, step, min_delta=0.1)
+    >>> progress.best, progress.best_step, progress.since_best, progress.exhausted(1), progress.exhausted(2)
+    (2.5, 3, 1, True, False)
+    >>> EvalProgress.from_info({"eval_progress": progress.to_info()}) == progress
+    True
+    ```
+    """
+
+    best: Optional[float] = None
+    best_step: Optional[int] = None
+    since_best: int = 0
+
+    def update(self, loss: float, step: int, min_delta: float = 0.0) -> None:
+        """Count the evaluation of `step` (a NaN or infinite loss is never an improvement)."""
+        if math.isfinite(loss) and (self.best is None or loss < self.best - min_delta):
+            self.best, self.best_step, self.since_best = loss, step, 0
+        else:
+            self.since_best += 1
+
+    def exhausted(self, patience: Optional[int]) -> bool:
+        """Whether `patience` evaluations in a row have not improved (never without a patience)."""
+        return patience is not None and self.since_best >= patience
+
+    def to_info(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "since_best": self.since_best}
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any]) -> EvalProgress:
+        """From a checkpoint's `lorafleet.json`; a fresh count when it has none (no checkpoint, or an older one)."""
+        recorded = info.get("eval_progress")
+        if not isinstance(recorded, dict):
+            return cls()
+        return cls(recorded.get("best"), recorded.get("best_step"), int(recorded.get("since_best", 0)))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; `config` is [`WorkerInputs.config`]'s dict."""
 
@@ -457,16 +554,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model, kernels = build_model(spec, inputs.base, ctx.device, invocation_tokens=data.invocation_tokens)
     strategy = make_strategy(model, spec, ctx.device, kernels)
     channel = inputs.channel
-    start_step = resume(strategy, ctx, channel)
+    resumed: dict[str, Any] = {}
+    start_step = resume(strategy, spec, ctx, channel, info=resumed)
+    progress = EvalProgress.from_info(resumed)
+    patience = spec.eval.early_stopping_patience
 
     t = spec.training
-    every = spec.checkpoint.every_n_steps
-    if start_step >= t.steps and channel is not None and ctx.rank == 0:
+    # A run that stopped early is finished: a re-submit trains no further, as one that reached `training.steps`.
+    finished = start_step >= t.steps or bool(resumed.get("stopped_early"))
+    if finished and channel is not None and ctx.rank == 0:
         import ray
 
-        ray.get(channel.actor.put.remote({"event": "complete", "step": start_step, "start_step": start_step}))
+        ray.get(channel.actor.put.remote({"event": "complete", "step": start_step, "start_step": start_step,
+                                          "stopped_early": bool(resumed.get("stopped_early"))}))
     stop_requested = False
-    for step in range(start_step, t.steps):
+    for step in range(start_step, start_step if finished else t.steps):
         event = StepEvent(step + 1, ctx.rank, ctx.world_size, strategy)
         stop_requested = run_step_hooks(inputs.step_hooks, event) or stop_requested
         try:
@@ -477,14 +579,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             raise
         metrics.update(start_step=start_step, total_steps=t.steps, peak_rss_mb=peak_rss_mb())
         done = step + 1
+        stop_early = False
+        if spec.evaluates_at(done):
+            metrics.update(held_out_metrics(strategy, data, ctx, spec))
+            progress.update(metrics["eval_loss"], done, spec.eval.min_delta)
+            # Every rank saw the same all-reduced loss, so every rank decides alike; the last step is no early stop.
+            stop_early = progress.exhausted(patience) and done < t.steps
+            if stop_early:
+                metrics["stopped_early"] = True
         if step == start_step:
             metrics["kernels"] = dict(kernels.applied)
             if kernels.skipped:
                 metrics["kernels_skipped"] = kernels.reasons()
         publish(channel, metrics, ctx)
         export_step(metrics, spec.name, ctx.rank)  # Ray metric gauges (rank 0 only), see lorafleet/monitoring.py
-        if done % every == 0 or done == t.steps:
-            save_and_report(metrics, strategy, spec, ctx, data.source)
+        if spec.checkpoints_at(done) or stop_early:
+            info: dict[str, Any] = {"eval_progress": progress.to_info()} if spec.data.evaluates else {}
+            if "eval_loss" in metrics:  # this adapter's own score: `lorafleet report` finds the best one by it
+                info["eval_loss"] = metrics["eval_loss"]
+            if stop_early:
+                info["stopped_early"] = True
+            save_and_report(metrics, strategy, spec, ctx, data.source, info)
+            if stop_early:
+                return
             # Only with hooks: without any, no rank can ask, and the loop spares the collective.
             if inputs.step_hooks and _any_rank(stop_requested, ctx):
                 return

@@ -8,6 +8,9 @@ import torch
 
 from helpers.cli import JOBS
 
+# Runs join the session's Ray cluster rather than each starting one (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("joined_ray")
+
 STEPS = 80  # the shipped job runs 150 (held-out accuracy 1.0 measured); 80 keeps this test near 2.5 min
 
 

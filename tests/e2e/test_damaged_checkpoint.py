@@ -10,7 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from helpers.cli import submit_small as submit
+
+# Runs join the session's Ray cluster rather than each starting one (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("joined_ray")
 
 
 def losses(storage: Path, name: str) -> dict[int, float]:

@@ -4,7 +4,7 @@
 A family whose model transformers refuses to build the way lorafleet loads it (gemma2 and SDPA attention, since
 transformers 5.24) fails here before its first step, whatever the unit tests of the pieces say.
 
-The jobs join one throwaway Ray cluster (`RAY_ADDRESS`) instead of each starting its own: training takes ~1 s of a
+The jobs join the session's Ray cluster (`joined_ray`) instead of each starting its own: training takes ~1 s of a
 case, Ray's start ~20 s (tests/e2e/test_submit.py covers the start of a run's own instance).
 """
 
@@ -17,7 +17,6 @@ import pytest
 from lorafleet.families import FAMILY_NAMES
 
 from helpers.cli import JOBS, run_cli
-from helpers.ray_cluster import LocalRayCluster
 
 # The cheapest job that still builds, trains, checkpoints and reports: one decoder layer (its attention, MLP and the
 # fused loss on the LM head), two steps, one checkpoint, one worker.
@@ -32,22 +31,13 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cluster_env():
-    """The environment of a client joining a fresh 2-CPU Ray cluster (token auth, as `ray start` sets up)."""
-    cluster = LocalRayCluster(auth=True, num_cpus=2)
-    try:
-        yield {**cluster.client_env(), "RAY_ADDRESS": cluster.gcs_address, "RAY_AUTH_MODE": "token"}
-    finally:
-        cluster.shutdown()
+pytestmark = pytest.mark.usefixtures("joined_ray")
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_family_trains_through_submit(family, tmp_path, cluster_env):
+def test_family_trains_through_submit(family, tmp_path):
     sets = [f"name=family-{family}", f"model.architecture={family}", f"checkpoint.storage={tmp_path}", *TINY]
-    result = run_cli(
-        "submit", str(JOBS / "llama.yaml"), "--json", *(a for s in sets for a in ("--set", s)), env=cluster_env
-    )
+    result = run_cli("submit", str(JOBS / "llama.yaml"), "--json", *(a for s in sets for a in ("--set", s)))
     lines = result.stdout.strip().splitlines()
     assert lines, f"{family}: no summary (exit {result.returncode}):\n{result.stderr[-3000:]}"
     summary = json.loads(lines[-1])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -16,6 +17,9 @@ from lorafleet.runstore.checkpoint import is_complete
 from lorafleet.runstore.location import RunLocation
 
 from helpers.cli import submit_small
+
+# Runs join the session's Ray cluster rather than each starting one (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("joined_ray")
 
 PREFIX = "runs/team-g"
 

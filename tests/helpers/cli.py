@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,14 +34,17 @@ SMALL_RUN = [
 ]
 
 
+def _command(faults: Sequence[str]) -> list[str]:
+    return [sys.executable, str(FAULTY_CLI), *faults, "--"] if faults else [sys.executable, "-m", "lorafleet.cli"]
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, faults: Sequence[str] = ()
 ) -> subprocess.CompletedProcess:
     """Run `lorafleet ARGS` in a fresh interpreter, the way a user does; `env` is added to this process's environment.
     `faults` (options of `faulty_cli.py`, e.g. `["--nan-at", "3"]`) injects those faults into the run's workers."""
-    command = [sys.executable, str(FAULTY_CLI), *faults, "--"] if faults else [sys.executable, "-m", "lorafleet.cli"]
     return subprocess.run(
-        [*command, *args],
+        [*_command(faults), *args],
         cwd=cwd or REPO,
         env={**os.environ, **(env or {})},
         capture_output=True,
@@ -58,6 +63,52 @@ def submit_small(
     proc = run_cli("submit", "jobs/llama.yaml", "--json", *args, env=env, timeout=600, faults=faults)
     lines = proc.stdout.strip().splitlines()
     return proc, json.loads(lines[-1]) if lines else {}
+
+
+class Submitted:
+    """`lorafleet submit jobs/llama.yaml --json` into `storage` with [`SMALL_RUN`] (unless `small=False`) and
+    `overrides`, running in the background (`env`, `faults`: see [`run_cli`]). Its stderr is read as it comes, so a
+    test can act at a given step (the `[name] step k/N` progress lines)."""
+
+    def __init__(self, name: str, storage, *overrides: str, small: bool = True, env: dict | None = None,
+                 faults: Sequence[str] = ()):
+        self.name = name
+        sets = [f"name={name}", f"checkpoint.storage={storage}", *(SMALL_RUN if small else []), *overrides]
+        args = [*_command(faults), "submit", "jobs/llama.yaml", "--json"]
+        args += [a for s in sets for a in ("--set", s)]
+        self.proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.step = 0
+        self._seen = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            with self._seen:
+                self.lines.append(line)
+                match = re.match(rf"\[{re.escape(self.name)}\] step (\d+)/", line)
+                if match:
+                    self.step = int(match.group(1))
+                self._seen.notify_all()
+        with self._seen:
+            self._seen.notify_all()
+
+    def wait_for_step(self, step: int, timeout: float = 300) -> int:
+        """Block until a progress line reports `step` or later; returns the step seen."""
+        with self._seen:
+            ok = self._seen.wait_for(lambda: self.step >= step or self.proc.poll() is not None, timeout=timeout)
+        assert ok and self.step >= step, "".join(self.lines)[-3000:]
+        return self.step
+
+    def finish(self, timeout: float = 600) -> tuple[int, str, dict]:
+        """Wait for the end: exit code, whole stderr, JSON summary (`{}` if none)."""
+        stdout = self.proc.stdout.read()
+        self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=30)
+        lines = stdout.strip().splitlines()
+        return self.proc.returncode, "".join(self.lines), json.loads(lines[-1]) if lines else {}
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

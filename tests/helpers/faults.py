@@ -53,6 +53,26 @@ class NanLossAt:
 
 
 @dataclass
+class GarbleAt:
+    """Before step `step`, every worker overwrites its trainable (LoRA) parameters with the same seeded Gaussian
+    noise of standard deviation `scale`: the adapter turns to garbage (its held-out loss rises well above that of the
+    steps before, and a few more steps do not bring it back) while the loss stays finite. Whole parameters needed
+    (DDP, ZeRO-1/2)."""
+
+    step: int
+    scale: float = 1.0
+    seed: int = 0
+
+    def __call__(self, event: StepEvent) -> None:
+        if event.step == self.step:
+            generator = torch.Generator().manual_seed(self.seed)
+            with torch.no_grad():
+                for param in event.strategy.params:
+                    noise = torch.randn(param.shape, generator=generator) * self.scale
+                    param.copy_(noise.to(device=param.device, dtype=param.dtype))
+
+
+@dataclass
 class StopAfter:
     """Ask the run to end cleanly after step `step` (after its checkpoint, or the next one), like a preempted job."""
 
@@ -64,13 +84,14 @@ class StopAfter:
 
 def from_options(argv: list[str]) -> list[StepHook]:
     """The faults the options in `argv` ask for (`--kill-at K --kill-once-file PATH [--kill-rank R]`, `--nan-at K`,
-    `--stop-after K`; steps are 1-based, as in the run's metrics)."""
+    `--stop-after K`, `--garble-at K`; steps are 1-based, as in the run's metrics)."""
     parser = argparse.ArgumentParser(prog="faulty_cli.py", description="lorafleet ARGS with faults in its workers")
     parser.add_argument("--kill-at", type=int, help="a worker SIGKILLs itself before this step, once")
     parser.add_argument("--kill-rank", type=int, default=1, help="the worker --kill-at kills (default 1)")
     parser.add_argument("--kill-once-file", help="created at the kill; the fault does not recur while it exists")
     parser.add_argument("--nan-at", type=int, help="this step's loss is NaN")
     parser.add_argument("--stop-after", type=int, help="end the run cleanly after this step's checkpoint")
+    parser.add_argument("--garble-at", type=int, help="the LoRA weights turn to noise before this step")
     options = parser.parse_args(argv)
     hooks: list[StepHook] = []
     if options.kill_at is not None:
@@ -81,4 +102,6 @@ def from_options(argv: list[str]) -> list[StepHook]:
         hooks.append(NanLossAt(options.nan_at))
     if options.stop_after is not None:
         hooks.append(StopAfter(options.stop_after))
+    if options.garble_at is not None:
+        hooks.append(GarbleAt(options.garble_at))
     return hooks

@@ -100,3 +100,73 @@ def test_health_check_interval_setting_reaches_the_controller():
         f"ray: the default poll interval is now {constants.DEFAULT_HEALTH_CHECK_INTERVAL_S} s; lorafleet's "
         f"{name}={compat.TRAIN_ENV[name]} would slow it down ({CHECKED.format(3)})"
     )
+
+
+def test_keep_best_keeps_the_best_and_the_latest(storage):
+    import asyncio
+
+    try:
+        from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+        from ray.train.v2._internal.execution.training_report import _TrainingReport
+    except ImportError as exc:
+        raise AssertionError(f"ray: the Train V2 CheckpointManager moved ({CHECKED.format(5)})") from exc
+    from pathlib import Path
+
+    manager = CheckpointManager(compat.checkpoint_config(1, "eval_loss"), storage)
+    folders = {}
+
+    async def register(step: int, eval_loss: float) -> None:
+        path = compat.checkpoint_fs_path(storage, f"checkpoint_{step:06d}")
+        Path(path).mkdir(parents=True)
+        folders[step] = Path(path)
+        checkpoint = ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem)
+        manager.register_checkpoint(_TrainingReport(checkpoint, {"step": step, "eval_loss": eval_loss}, False))
+
+    def kept() -> list[int]:
+        return sorted(step for step, path in folders.items() if path.exists())
+
+    async def scenario() -> list[list[int]]:
+        seen = []
+        for step, loss in ((2, 1.0), (4, 3.0), (6, 2.5), (8, 0.5)):
+            await register(step, loss)
+            seen.append(kept())
+        return seen
+
+    seen = asyncio.run(scenario())
+    # keep=1: the best by eval_loss (lowest) plus the latest, whatever its score; a worse older one goes.
+    assert seen == [[2], [2, 4], [2, 6], [8]], (
+        f"ray: CheckpointConfig(num_to_keep=1, checkpoint_score_attribute='eval_loss', order 'min') no longer keeps "
+        f"the best plus the latest checkpoint ({CHECKED.format(5)}): kept after each report {seen}"
+    )
+    best = [r.metrics["step"] for r in manager.best_checkpoint_results]
+    assert best == [8] and manager.latest_checkpoint_result.metrics["step"] == 8, (
+        f"ray: best_checkpoint_results / latest_checkpoint_result changed ({CHECKED.format(5)}): {best}"
+    )
+
+
+def test_node_start_timeout_is_recognized_by_its_message():
+    import inspect
+
+    import ray._private.node
+
+    source = inspect.getsource(ray._private.node.Node.__init__)
+    assert compat.NODE_START_TIMEOUT in source and "raylet_start_wait_time_s = 30" in source, (
+        f"ray: Node.__init__ no longer raises 'The current node {compat.NODE_START_TIMEOUT}' after a fixed 30 s "
+        f"({CHECKED.format(6)}): review lorafleet.train.driver.start_ray's retry"
+    )
+
+
+def test_stop_child_processes_stops_what_this_process_started():
+    # In a process of its own: the test session's own children (servers of other tests) are not this test's to stop.
+    import subprocess
+    import sys
+
+    script = (
+        "import subprocess\n"
+        "from lorafleet.compat.ray import stop_child_processes\n"
+        "procs = [subprocess.Popen(['sleep', '60']) for _ in range(2)]\n"
+        "import psutil\n"
+        "print(stop_child_processes(timeout=5), sum(psutil.pid_exists(p.pid) for p in procs))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["2", "0"], result.stdout + result.stderr  # two stopped, none left

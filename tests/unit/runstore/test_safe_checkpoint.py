@@ -393,9 +393,9 @@ def test_resume_skips_a_damaged_checkpoint_and_names_it(tmp_path, monkeypatch, c
     info["step"] = 9
     (newer / "lorafleet.json").write_text(json.dumps(info))
     _truncate(newer / "adapter_model.safetensors")
-    monkeypatch.setattr(worker, "_checkpoint_candidates", lambda: [Candidate(newer), Candidate(older)])
+    monkeypatch.setattr(worker, "_checkpoint_candidates", lambda spec: [Candidate(newer), Candidate(older)])
     strategy = Recorder()
-    assert resume(strategy, WorkerContext(rank=0, world_size=1, device=torch.device("cpu"))) == 7
+    assert resume(strategy, None, WorkerContext(rank=0, world_size=1, device=torch.device("cpu"))) == 7
     expected = load_training_state(older, 0)["adapter"]["a.lora_A.weight"]
     assert torch.equal(strategy.loaded["adapter"]["a.lora_A.weight"], expected)
     out = capsys.readouterr().out

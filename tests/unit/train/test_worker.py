@@ -120,7 +120,7 @@ def loop_without_ray(monkeypatch):
     """Run [`train_loop_per_worker`] in this process: rank 0 of 1, resuming at step 1; returns the checkpoint steps."""
     checkpoints: list[int] = []
     monkeypatch.setattr(worker, "_context", lambda: WorkerContext(0, 1, CPU))
-    monkeypatch.setattr(worker, "resume", lambda strategy, ctx, channel=None: 1)
+    monkeypatch.setattr(worker, "resume", lambda strategy, spec, ctx, channel=None, info=None: 1)
     monkeypatch.setattr(worker, "export_step", lambda metrics, name, rank: None)
     monkeypatch.setattr(worker, "save_and_report", lambda metrics, *_: checkpoints.append(metrics["step"]))
     return checkpoints
