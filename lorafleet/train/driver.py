@@ -528,33 +528,45 @@ def last_complete_step(location: RunLocation) -> Optional[int]:
     True
     ```
     """
-    filesystem = location.filesystem
     for path in reversed(location.checkpoint_dirs()):
-        try:
-            sizes = {info.base_name: info.size for info in filesystem.get_file_info(fs.FileSelector(path))}
-            with filesystem.open_input_stream(f"{path}/{INFO_FILE}") as stream:
-                info = json.loads(stream.read())
-        except (OSError, ValueError):
-            continue
-        # Sizes only, from one listing: the checksums would mean downloading the checkpoint (resume verifies them).
-        records = info.get("files") if isinstance(info.get("files"), dict) else {}
-        if all(sizes.get(name) and sizes[name] == records.get(name, {}).get("size", sizes[name])
-               for name in expected_files(info)):
-            return int(info["step"])
+        step = _complete_step(location.filesystem, path)
+        if step is not None:
+            return step
     return None
 
 
-def remove_orphan_checkpoints(result: Any, location: RunLocation) -> int:
-    """Delete checkpoint folders in the run's storage that Ray Train does not hold as kept checkpoints.
+def _complete_step(filesystem: fs.FileSystem, path: str) -> Optional[int]:
+    """The step of the checkpoint folder at `path` if it holds every file it should at its recorded size, else `None`."""
+    try:
+        sizes = {info.base_name: info.size for info in filesystem.get_file_info(fs.FileSelector(path))}
+        with filesystem.open_input_stream(f"{path}/{INFO_FILE}") as stream:
+            info = json.loads(stream.read())
+    except (OSError, ValueError):
+        return None
+    # Sizes only, from one listing: the checksums would mean downloading the checkpoint (resume verifies them).
+    records = info.get("files") if isinstance(info.get("files"), dict) else {}
+    if all(sizes.get(name) and sizes[name] == records.get(name, {}).get("size", sizes[name])
+           for name in expected_files(info)):
+        return int(info["step"])
+    return None
+
+
+def remove_orphan_checkpoints(result: Any, location: RunLocation, keep: Optional[int] = None) -> int:
+    """Delete the checkpoint folders in the run's storage that the run no longer keeps.
 
     A `fit()` that died mid-upload (e.g. storage went away) can leave folders its retry never registered, so Ray's
-    `keep` pruning would never see them. Called after a successful run, when the kept set is final.
+    pruning would never see them, and a retry or re-submit may have resumed from such a folder. Called after a
+    successful run, when the kept set is final.
 
     Args:
         result (`ray.train.Result`):
             The run's result: its latest checkpoint and the ones Ray Train keeps.
         location ([`~lorafleet.runstore.location.RunLocation`]):
             The run's location, whose folder holds those checkpoints.
+        keep (`int`, *optional*):
+            `checkpoint.keep` when the newest are kept: the newest `keep` complete folders stay (registered by Ray
+            Train or not), with the latest checkpoint. `None` (checkpoints ranked by `keep_best_by`): what Ray Train
+            keeps stays.
 
     Returns:
         `int`: How many folders were removed.
@@ -563,7 +575,11 @@ def remove_orphan_checkpoints(result: Any, location: RunLocation) -> int:
     if result.checkpoint is None or not kept:
         return 0
     # By folder name: Ray Train's paths and the location's name the same folders, but need not be spelled alike.
-    keep_names = {c.path.rstrip("/").rsplit("/", 1)[-1] for c in [*kept, result.checkpoint]}
+    if keep is None:
+        keep_names = {c.path.rstrip("/").rsplit("/", 1)[-1] for c in [*kept, result.checkpoint]}
+    else:
+        complete = [p for p in location.checkpoint_dirs() if _complete_step(location.filesystem, p) is not None]
+        keep_names = {p.rstrip("/").rsplit("/", 1)[-1] for p in [*complete[-keep:], result.checkpoint.path]}
     removed = 0
     for path in location.checkpoint_dirs():
         if path.rstrip("/").rsplit("/", 1)[-1] not in keep_names:
@@ -757,7 +773,8 @@ def _train(
     if result is not None and result.checkpoint is not None:
 
         if summary.status == "succeeded":
-            remove_orphan_checkpoints(result, location)
+            newest = None if spec.checkpoint.keep_best_by else spec.checkpoint.keep
+            remove_orphan_checkpoints(result, location, newest)
         summary.adapter_uri = location.display_uri(result.checkpoint.path)
         best = best_checkpoint(result) if spec.data.evaluates else None
         if best is not None:

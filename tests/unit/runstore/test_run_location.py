@@ -158,6 +158,21 @@ def test_remove_orphan_checkpoints_keeps_what_ray_keeps(tmp_path):
     assert len(location.checkpoint_dirs()) == 2
 
 
+def test_remove_orphan_checkpoints_keeps_the_newest_complete_folders_ray_did_not_register(tmp_path):
+    # A retried fit resumed from the middle folder, which Ray Train never registered: with `keep: 2` (newest kept) it
+    # stays beside the latest; the incomplete oldest goes, whatever Ray Train's kept set says.
+    location = RunLocation(str(tmp_path), "job-a")
+    oldest, middle, newest = sorted(FOLDERS)
+    (tmp_path / "job-a" / oldest).mkdir(parents=True)  # no files: an upload that never finished
+    for name in (middle, newest):
+        write_checkpoint(tmp_path / "job-a" / name, world_size=1, shards=False)
+    assert remove_orphan_checkpoints(_ray_result(location, newest, [newest]), location, keep=2) == 1
+    assert location.checkpoint_dirs() == [f"{location.path}/{middle}", f"{location.path}/{newest}"]
+    # keep: 1 leaves the latest alone.
+    assert remove_orphan_checkpoints(_ray_result(location, newest, [newest]), location, keep=1) == 1
+    assert location.checkpoint_dirs() == [f"{location.path}/{newest}"]
+
+
 def test_fetch_local_checkpoint(tmp_path):
     checkpoint = tmp_path / "runs" / "job-a" / FOLDERS[0]
     write_checkpoint(checkpoint)
