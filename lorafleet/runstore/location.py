@@ -155,6 +155,19 @@ def filesystem_for(scheme: str, endpoint: Optional[str] = None) -> fs.FileSystem
     raise ValueError(f"unsupported storage scheme {scheme!r}")
 
 
+def folder_name(path: str) -> str:
+    """The last component of a storage path (a checkpoint folder's name), however its filesystem spells the rest.
+
+    Example:
+
+    ```python
+    >>> folder_name("bucket/runs/demo/checkpoint_000002/")
+    'checkpoint_000002'
+    ```
+    """
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def list_checkpoint_dirs(filesystem: fs.FileSystem, run_path: str) -> list[str]:
     """Paths of the `checkpoint_*` folders directly under a run folder, in name (= creation time) order.
 

@@ -40,7 +40,7 @@ from lorafleet.data.dataset import TrainingData
 from lorafleet.model.build import load_tokenizer_for, resolve_base_model
 from lorafleet.runstore.checkpoint import INFO_FILE, expected_files
 from lorafleet.runstore.lease import RunLease
-from lorafleet.runstore.location import RunLocation, storage_env
+from lorafleet.runstore.location import RunLocation, folder_name, storage_env
 from lorafleet.runstore.monitoring import eval_summary, run_records, write_run_artifacts
 from lorafleet.runstore.storage import UPLOAD_RETRY_S
 from lorafleet.spec import JobSpec, SpecError
@@ -576,13 +576,13 @@ def remove_orphan_checkpoints(result: Any, location: RunLocation, keep: Optional
         return 0
     # By folder name: Ray Train's paths and the location's name the same folders, but need not be spelled alike.
     if keep is None:
-        keep_names = {c.path.rstrip("/").rsplit("/", 1)[-1] for c in [*kept, result.checkpoint]}
+        keep_names = {folder_name(c.path) for c in [*kept, result.checkpoint]}
     else:
         complete = [p for p in location.checkpoint_dirs() if _complete_step(location.filesystem, p) is not None]
-        keep_names = {p.rstrip("/").rsplit("/", 1)[-1] for p in [*complete[-keep:], result.checkpoint.path]}
+        keep_names = {folder_name(p) for p in [*complete[-keep:], result.checkpoint.path]}
     removed = 0
     for path in location.checkpoint_dirs():
-        if path.rstrip("/").rsplit("/", 1)[-1] not in keep_names:
+        if folder_name(path) not in keep_names:
             try:
                 location.filesystem.delete_dir(path)
                 removed += 1

@@ -39,7 +39,7 @@ from lorafleet.runstore.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from lorafleet.runstore.location import RunLocation
+from lorafleet.runstore.location import RunLocation, folder_name
 from lorafleet.runstore.monitoring import export_step
 from lorafleet.runstore.storage import upload_checkpoint
 from lorafleet.spec import JobSpec, spec_from_json
@@ -117,13 +117,9 @@ def _checkpoint_candidates(spec: JobSpec) -> list:
     folders = reversed(location.checkpoint_dirs())
     candidates = [ray.train.Checkpoint(path=path, filesystem=location.filesystem) for path in folders]
     latest = ray.train.get_checkpoint()
-    if latest is not None and _folder_name(latest.path) not in {_folder_name(c.path) for c in candidates}:
+    if latest is not None and folder_name(latest.path) not in {folder_name(c.path) for c in candidates}:
         candidates.insert(0, latest)
     return candidates
-
-
-def _folder_name(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def resume(strategy, spec: JobSpec, ctx: WorkerContext, channel=None, info: Optional[dict] = None) -> int:
@@ -146,7 +142,7 @@ def resume(strategy, spec: JobSpec, ctx: WorkerContext, channel=None, info: Opti
             if problem is None:
                 choice[0] = index
                 break
-            name = candidate.path.rstrip("/").rsplit("/", 1)[-1]
+            name = folder_name(candidate.path)
             message = f"checkpoint {name} is damaged or incomplete: {problem}; "
             message += "trying an older one" if index + 1 < len(candidates) else "no older one, starting from step 0"
             print(f"lorafleet: {message}", flush=True)
