@@ -528,10 +528,18 @@ def last_complete_step(location: RunLocation) -> Optional[int]:
     True
     ```
     """
+    newest = newest_complete_checkpoint(location)
+    return None if newest is None else newest[1]
+
+
+def newest_complete_checkpoint(location: RunLocation) -> Optional[tuple[str, int]]:
+    """The path and step of the newest complete checkpoint folder in the run's storage ([`last_complete_step`]), or
+    `None`. After a successful run it holds the final adapter, even when Ray Train never registered it: a `fit()`
+    retried after its controller lost the storage resumes from it and, with no step left to run, reports nothing."""
     for path in reversed(location.checkpoint_dirs()):
         step = _complete_step(location.filesystem, path)
         if step is not None:
-            return step
+            return path, step
     return None
 
 
@@ -551,7 +559,8 @@ def _complete_step(filesystem: fs.FileSystem, path: str) -> Optional[int]:
     return None
 
 
-def remove_orphan_checkpoints(result: Any, location: RunLocation, keep: Optional[int] = None) -> int:
+def remove_orphan_checkpoints(result: Any, location: RunLocation, keep: Optional[int] = None,
+                              final: Optional[str] = None) -> int:
     """Delete the checkpoint folders in the run's storage that the run no longer keeps.
 
     A `fit()` that died mid-upload (e.g. storage went away) can leave folders its retry never registered, so Ray's
@@ -567,6 +576,9 @@ def remove_orphan_checkpoints(result: Any, location: RunLocation, keep: Optional
             `checkpoint.keep` when the newest are kept: the newest `keep` complete folders stay (registered by Ray
             Train or not), with the latest checkpoint. `None` (checkpoints ranked by `keep_best_by`): what Ray Train
             keeps stays.
+        final (`str`, *optional*):
+            The path of the run's final checkpoint when it is not Ray Train's latest ([`newest_complete_checkpoint`]);
+            it stays in place of that one.
 
     Returns:
         `int`: How many folders were removed.
@@ -574,12 +586,13 @@ def remove_orphan_checkpoints(result: Any, location: RunLocation, keep: Optional
     kept = [checkpoint for checkpoint, _ in (result.best_checkpoints or [])]
     if result.checkpoint is None or not kept:
         return 0
+    latest = final or result.checkpoint.path
     # By folder name: Ray Train's paths and the location's name the same folders, but need not be spelled alike.
     if keep is None:
-        keep_names = {folder_name(c.path) for c in [*kept, result.checkpoint]}
+        keep_names = {folder_name(p) for p in [*(c.path for c in kept), latest]}
     else:
         complete = [p for p in location.checkpoint_dirs() if _complete_step(location.filesystem, p) is not None]
-        keep_names = {folder_name(p) for p in [*complete[-keep:], result.checkpoint.path]}
+        keep_names = {folder_name(p) for p in [*complete[-keep:], latest]}
     removed = 0
     for path in location.checkpoint_dirs():
         if folder_name(path) not in keep_names:
@@ -772,10 +785,14 @@ def _train(
                 setattr(summary, name, value)
     if result is not None and result.checkpoint is not None:
 
+        final = result.checkpoint.path
         if summary.status == "succeeded":
-            newest = None if spec.checkpoint.keep_best_by else spec.checkpoint.keep
-            remove_orphan_checkpoints(result, location, newest)
-        summary.adapter_uri = location.display_uri(result.checkpoint.path)
+            newest = newest_complete_checkpoint(location)
+            if newest is not None and folder_name(newest[0]) != folder_name(final) and newest[1] >= summary.steps:
+                final = newest[0]
+            keep = None if spec.checkpoint.keep_best_by else spec.checkpoint.keep
+            remove_orphan_checkpoints(result, location, keep, final=final)
+        summary.adapter_uri = location.display_uri(final)
         best = best_checkpoint(result) if spec.data.evaluates else None
         if best is not None:
             summary.best_adapter_uri = location.display_uri(best.path)

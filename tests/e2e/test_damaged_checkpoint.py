@@ -13,18 +13,10 @@ from pathlib import Path
 import pytest
 
 from helpers.cli import submit_small as submit
+from helpers.runs import losses
 
 # Runs join the session's Ray cluster rather than each starting one (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("joined_ray")
-
-
-def losses(storage: Path, name: str) -> dict[int, float]:
-    """Step -> loss from the run's metrics.jsonl (a later record of a step wins)."""
-    out = {}
-    for line in (storage / name / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        out[int(record["step"])] = float(record["loss"])
-    return out
 
 
 def test_resubmit_skips_a_damaged_checkpoint_and_resumes_from_the_one_before(tmp_path):

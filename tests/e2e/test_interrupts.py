@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from lorafleet.runstore.checkpoint import INFO_FILE, is_complete
 from lorafleet.runstore.lease import LEASE_FILE
@@ -30,6 +29,7 @@ from lorafleet.runstore.location import RunLocation
 from lorafleet.train.driver import last_complete_step
 
 from helpers.cli import Submitted, submit_small
+from helpers.runs import adapter, losses
 
 # Long enough to interrupt after the first checkpoint with many steps to go, short enough to stay cheap.
 STEPS, EVERY = 60, 10
@@ -70,19 +70,6 @@ def still_running(processes: dict[tuple[int, str], str], wait_s: float = 15) -> 
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.5)
-
-
-def adapter(summary: dict) -> dict[str, torch.Tensor]:
-    return load_file(Path(summary["adapter_uri"]) / "adapter_model.safetensors")
-
-
-def losses(storage: Path, name: str) -> dict[int, float]:
-    """Step -> loss from the run's metrics.jsonl (a later record of a step wins: a resumed run repeats steps)."""
-    out = {}
-    for line in (storage / name / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        out[int(record["step"])] = float(record["loss"])
-    return out
 
 
 @pytest.fixture(scope="module")

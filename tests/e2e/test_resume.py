@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from helpers.cli import submit_small as submit
+from helpers.runs import adapter, losses, records
 
 # Runs join the session's Ray cluster rather than each starting one (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("joined_ray")
@@ -40,24 +40,6 @@ STRATEGIES = {
     "zero2": ("scaling.strategy=deepspeed", "scaling.zero_stage=2"),
     "zero3": ("scaling.strategy=deepspeed", "scaling.zero_stage=3"),
 }
-
-
-def records(storage: Path, name: str) -> dict[int, dict]:
-    """Step -> rank 0's metrics record from the run's metrics.jsonl (a later record of a step wins: restarts and
-    resumes repeat steps)."""
-    out = {}
-    for line in (storage / name / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        out[int(record["step"])] = record
-    return out
-
-
-def losses(storage: Path, name: str) -> dict[int, float]:
-    return {step: float(record["loss"]) for step, record in records(storage, name).items()}
-
-
-def adapter(summary: dict) -> dict[str, torch.Tensor]:
-    return load_file(Path(summary["adapter_uri"]) / "adapter_model.safetensors")
 
 
 def assert_matches_zero(got: dict, ref: dict, got_adapter: dict, ref_adapter: dict) -> None:

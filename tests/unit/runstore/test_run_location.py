@@ -15,6 +15,7 @@ from lorafleet.runstore.checkpoint import ADAPTER_FILES, INFO_FILE, STATE_NAME, 
 from lorafleet.runstore.location import RunLocation, fetch_files
 from lorafleet.runstore.monitoring import read_metrics, write_run_artifacts
 from lorafleet.spec import load_spec
+from lorafleet.train import driver
 from lorafleet.train.driver import _storage_reachable, remove_orphan_checkpoints
 
 from helpers.checkpoints import write_checkpoint
@@ -171,6 +172,23 @@ def test_remove_orphan_checkpoints_keeps_the_newest_complete_folders_ray_did_not
     # keep: 1 leaves the latest alone.
     assert remove_orphan_checkpoints(_ray_result(location, newest, [newest]), location, keep=1) == 1
     assert location.checkpoint_dirs() == [f"{location.path}/{newest}"]
+
+
+def test_remove_orphan_checkpoints_keeps_a_final_folder_ray_never_registered(tmp_path):
+    # The controller lost the storage while registering the middle checkpoint; the workers had already uploaded the
+    # newest (the last step). The retried fit resumed there with nothing left to run, so Ray Train's latest is still
+    # the oldest: the final adapter is the newest complete folder, and `keep: 2` keeps it and the one before.
+    location = RunLocation(str(tmp_path), "job-a")
+    for name in FOLDERS:
+        write_checkpoint(tmp_path / "job-a" / name, world_size=1, shards=False)
+    oldest, middle, newest = sorted(FOLDERS)
+    final, step = driver.newest_complete_checkpoint(location)
+    assert final == f"{location.path}/{newest}" and step == 7
+    assert remove_orphan_checkpoints(_ray_result(location, oldest, [oldest]), location, keep=2, final=final) == 1
+    assert location.checkpoint_dirs() == [f"{location.path}/{middle}", final]
+    # Ranked by a metric (keep=None): what Ray Train keeps stays, and the final folder in place of Ray's latest.
+    assert remove_orphan_checkpoints(_ray_result(location, oldest, [middle]), location, final=final) == 0
+    assert driver.newest_complete_checkpoint(RunLocation(str(tmp_path), "never-ran")) is None
 
 
 def test_fetch_local_checkpoint(tmp_path):
