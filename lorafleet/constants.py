@@ -3,3 +3,7 @@
 # The label of a position that carries no loss (prompt tokens, padding, a packed sample's first token). PyTorch's
 # `cross_entropy` and transformers use the same default, so labels built here mean the same to their losses.
 IGNORE_INDEX = -100
+
+# How a generated answer is scored against a record's target (`lorafleet.infer.scoring`): the names the spec's
+# `eval.generate.metrics` accepts and the metrics records carry (`eval_<name>`, `base_<name>`).
+GENERATION_METRICS = ("exact_match", "contains")

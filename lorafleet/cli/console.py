@@ -27,8 +27,9 @@ QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "err
 
 
 # Loggers whose warnings are routine on a console: Ray's note that token authentication is on (the default since
-# Ray 2.52) says nothing a lorafleet user must act on.
-QUIET_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+# Ray 2.52) says nothing a lorafleet user must act on; bitsandbytes, on a CPU with AVX-512 bf16, reports at import
+# that it could not fetch an optional CPU kernel from the Hub (the `kernels` package), and falls back to its own.
+QUIET_LOGGERS = ("ray._private.authentication.authentication_token_setup", "bitsandbytes.backends.cpu.ops")
 
 
 PREFIX = "lorafleet: "

@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import sys
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import click
 
@@ -14,6 +14,9 @@ from lorafleet.cli.console import configure_console
 from lorafleet.cli.errors import fail
 from lorafleet.cli.progress import ProgressView
 from lorafleet.cli.remote import submit_remote_command
+
+if TYPE_CHECKING:  # the driver (and Ray, torch) is imported only when a run starts: `lorafleet --help` stays fast
+    from lorafleet.train.driver import RunSummary
 
 
 def load_or_fail(spec_path: str, overrides: tuple[str, ...]):
@@ -128,8 +131,14 @@ def submit(
         return submit_remote_command(spec, address, wait, as_json)
     if wait:
         fail("--wait: needs a Jobs API address (--address http://HEAD:8265 or RAY_ADDRESS); a local run always waits")
+    import psutil
+
     from lorafleet.spec import SpecError
     from lorafleet.train.driver import run_job
+    from lorafleet.train.timings import PhaseClock
+
+    # From the process's start: the interpreter's and the imports' seconds are part of what a user waits for.
+    clock = PhaseClock(started=psutil.Process().create_time())
 
     view = ProgressView(spec.name, spec.training.steps)
     click.echo(
@@ -138,9 +147,11 @@ def submit(
         err=True,
     )
     stop = StopOnSignal(spec.name)
+    clock.lap("command_start")
     try:
         with stop:
-            summary = run_job(spec, address=address, on_progress=view.update, verbose=verbose, fresh=fresh)
+            summary = run_job(spec, address=address, on_progress=view.update, verbose=verbose, fresh=fresh,
+                              clock=clock)
     except SpecError as exc:
         fail(*exc.problems)
     except KeyboardInterrupt:
@@ -172,6 +183,8 @@ def submit(
             else f"lorafleet: {spec.name}: already complete{stopped}",
             err=True,
         )
+        if summary.eval_exact_match is not None or summary.eval_contains is not None:
+            click.echo(f"lorafleet: {spec.name}: held-out answers: {_scores(summary)}", err=True)
         click.echo(f"adapter: {summary.adapter_uri}", err=as_json)
         if summary.best_adapter_uri and summary.best_adapter_uri != summary.adapter_uri:
             # On stderr: stdout stays the one result line (the latest adapter) scripts read.
@@ -183,6 +196,17 @@ def submit(
         click.echo(json.dumps(summary.to_dict()))
     if summary.status != "succeeded":
         sys.exit(1)
+
+
+def _scores(summary: RunSummary) -> str:
+    """`eval.generate`'s scores at the end of a run, the base model's first: "exact match 0% -> 45%, contains ..."."""
+    parts = []
+    for name, label in (("exact_match", "exact match"), ("contains", "contains")):
+        after = getattr(summary, f"eval_{name}")
+        if after is not None:
+            before = getattr(summary, f"base_{name}")
+            parts.append(f"{label} {before:.0%} -> {after:.0%}" if before is not None else f"{label} {after:.0%}")
+    return ", ".join(parts)
 
 
 @click.command()

@@ -82,6 +82,8 @@ class ProgressView:
         tps = f"{metrics.get('tokens_per_s', 0.0):,.0f}"
         evaluated = metrics.get("eval_loss") is not None
         held_out = f"eval {metrics['eval_loss']:.2f}" if evaluated else ""
+        if metrics.get("eval_exact_match") is not None:  # eval.generate: the share of exactly right answers
+            held_out += f"  em {metrics['eval_exact_match']:.0%}"
         if self._progress is not None:
             fields = dict(completed=step, loss=loss, tps=tps)
             if evaluated:

@@ -26,6 +26,14 @@ Private things touched:
    eager attention on exactly this refusal: a hub model's class is only known once transformers resolves it, which
    is why the flag is not read beforehand. Gone when transformers offers a public way to ask a config (or model
    class) which attention implementations it supports, or falls back by itself when asked for `sdpa`.
+4. The causal LM forward's `logits_to_keep` argument given a 2-D *boolean* `[batch, seq]` tensor: the forward
+   applies the LM head (and the family's own logit post-processing, gemma2's soft-cap) only to the `True` positions
+   and returns logits flattened to `[num_true, vocab]` in row-major order (`hidden_states[mask]`, in
+   `transformers.modeling_utils.slice_logits_to_keep`, which each family's forward calls; read in the source of 5.23.0
+   and 5.24.0, where all six families call it; only documented in that helper's docstring). Used by
+   [`logits_at`] so the unfused loss computes logits only for positions that have a label, through the model's own
+   head. [`takes_logits_to_keep`] reads the argument from the forward's signature; a model without it gets full
+   logits. Gone when the boolean form is documented on the causal LM forward itself.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import inspect
 import sys
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 # What the fused attention forward calls from the family's modeling module (item 1).
@@ -162,3 +171,67 @@ def refuses_sdpa(error: BaseException) -> bool:
     ```
     """
     return isinstance(error, ValueError) and "scaled_dot_product_attention" in str(error)
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal LM's forward has a `logits_to_keep` argument (item 4).
+
+    Args:
+        model (`nn.Module`): A transformers causal LM, or a PEFT model around one.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM
+    >>> from lorafleet.model.families import family_config
+    >>> cfg = family_config("llama", 32, {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+    ...                                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
+    >>> takes_logits_to_keep(AutoModelForCausalLM.from_config(cfg)), takes_logits_to_keep(torch.nn.Linear(2, 2))
+    (True, False)
+    ```
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+
+
+def logits_at(model: nn.Module, keep: torch.Tensor, **inputs: Any) -> torch.Tensor:
+    """The model's own logits at the `True` positions of `keep` only, `[keep.sum(), vocab]` (item 4).
+
+    Calls `model(**inputs, logits_to_keep=keep)`, so the head runs as the model's forward runs it (LoRA or
+    `modules_to_save` on the head, bias, tied weights, soft-capping), on the kept rows alone.
+
+    Args:
+        model (`nn.Module`): A causal LM whose forward [`takes_logits_to_keep`], or a PEFT model around one.
+        keep (`torch.BoolTensor`): `[batch, seq]`, True where a logit is needed.
+        inputs: The forward's other arguments (`input_ids`, `attention_mask`, ...).
+
+    Returns:
+        `torch.Tensor`: Logits of the kept positions, row-major (`logits[keep]` of the full `[batch, seq, vocab]`).
+
+    Raises:
+        `RuntimeError`: When the forward did not return one row per kept position (transformers changed item 4).
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM
+    >>> from lorafleet.model.families import family_config
+    >>> cfg = family_config("llama", 32, {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+    ...                                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
+    >>> model = AutoModelForCausalLM.from_config(cfg)
+    >>> ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    >>> keep = torch.tensor([[False, True, True, False], [False, False, True, False]])
+    >>> logits = logits_at(model, keep, input_ids=ids)
+    >>> logits.shape, torch.allclose(logits, model(input_ids=ids).logits[keep], atol=1e-6)
+    (torch.Size([3, 32]), True)
+    ```
+    """
+    if keep.dtype != torch.bool or keep.dim() != 2:
+        raise ValueError(f"keep must be a 2-D bool tensor, got {keep.dtype} of shape {tuple(keep.shape)}")
+    logits = model(**inputs, logits_to_keep=keep).logits
+    if logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
+        raise RuntimeError(
+            f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for a boolean logits_to_keep "
+            f"keeping {int(keep.sum())} positions (lorafleet.compat.transformers item 4, checked 5.23.0-5.24.0)"
+        )
+    return logits

@@ -89,6 +89,9 @@ class TrainingData:
         eval_samples (`list[dict]`, *optional*, defaults to `[]`):
             The held-out samples, in file order, never packed (so `eval.max_samples` counts records) and masked like
             the training ones (prompt, aLoRA invocation); empty when evaluation is off.
+        eval_records (`list[dict]`, *optional*, defaults to `[]`):
+            The held-out records `eval.generate` prompts with and scores against, as read (checked for `data.format`):
+            the first `eval.generate.num_samples` (at most `eval.max_samples`), in file order; empty without it.
 
     Attributes:
         targets (`list[int]`): Per sample, the tokens the loss counts (labels after the causal shift that are not -100).
@@ -113,6 +116,7 @@ class TrainingData:
     invocation_tokens: list[int] | None = None
     source: dict[str, Any] = field(default_factory=dict, repr=False)
     eval_samples: list[dict] = field(default_factory=list, repr=False)
+    eval_records: list[dict] = field(default_factory=list, repr=False)
     targets: list[int] = field(init=False, repr=False)
     eval_targets: list[int] = field(init=False, repr=False)
 
@@ -163,7 +167,11 @@ class TrainingData:
                 except SpecError as exc:
                     raise SpecError(*(p.replace("data.path:", "data.eval_path:", 1) for p in exc.problems)) from None
         tokens = invocation.tokens if invocation is not None else None
-        return cls(samples, tokenizer.pad_token_id, tokens, eval_samples=eval_samples)
+        generate = spec.eval.generate
+        scored = []
+        if generate is not None and eval_records:
+            scored = eval_records[: min(generate.num_samples, spec.eval.max_samples or generate.num_samples)]
+        return cls(samples, tokenizer.pad_token_id, tokens, eval_samples=eval_samples, eval_records=scored)
 
     def plan(self, spec: JobSpec) -> BatchPlan:
         """The job's [`~lorafleet.data.plan.BatchPlan`] over these samples (global batch size, seed, shuffle)."""

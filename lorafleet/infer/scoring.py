@@ -27,11 +27,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from lorafleet.constants import GENERATION_METRICS
 from lorafleet.data.alora import find_invocation
 from lorafleet.data.templates import format_instruction_prompt
 from lorafleet.infer.generate import continue_with_adapter, invocation_of, stop_ids
 
-METRICS = ("exact_match", "contains")
+METRICS = GENERATION_METRICS
 
 
 def exact_match(prediction: str, reference: str) -> bool:

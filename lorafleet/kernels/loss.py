@@ -10,6 +10,11 @@ tanh soft-cap of gemma2 (`final_logit_softcapping`), and, when a gradient is nee
 chunk's hidden states right away (softmax minus one-hot, times the soft-cap derivative, times the head weight).
 The LM head is frozen (also when tied to the embeddings, as in the gemma families), so no weight gradient is
 formed; the backward only scales the stored hidden-state gradient by the incoming scalar.
+
+The plain path runs the causal LM's own forward, so the head keeps the model's semantics (a LoRA or
+`modules_to_save` head that trains, bias, tied weights, soft-cap), but asks it for logits at the target positions only
+(`logits_to_keep` as a boolean mask, see [`lorafleet.compat.transformers.logits_at`]): prompt tokens and padding cost
+no head matmul and no cross-entropy on either path. [`label_only_refusal`] names the cases that still need full logits.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lorafleet.compat.peft import is_alora_variant, lora_variants
+from lorafleet.compat.transformers import logits_at, takes_logits_to_keep
 from lorafleet.constants import IGNORE_INDEX
 from lorafleet.kernels.lora_ops import matmul_dtype
 
@@ -61,6 +68,37 @@ def fused_loss_refusal(model: nn.Module) -> Optional[str]:
         return f"LM head is a {type(head).__name__}, not a plain frozen nn.Linear (LoRA or modules_to_save on lm_head)"
     if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
         return "LM head is trainable; the chunked loss computes no head gradient"
+    return None
+
+
+def label_only_refusal(model: nn.Module) -> Optional[str]:
+    """Why the plain loss path must compute logits for every position of `model` (None when it need not).
+
+    Args:
+        model (`nn.Module`): A PEFT model or a Hugging Face causal LM.
+
+    Returns:
+        `str` or `None`: A one-line reason, or None.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM
+    >>> from lorafleet.model.families import family_config
+    >>> cfg = family_config("gemma2", 64, {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+    ...                                    "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
+    >>> label_only_refusal(AutoModelForCausalLM.from_config(cfg)) is None
+    True
+    ```
+    """
+    causal_lm = _causal_lm(model)
+    if not takes_logits_to_keep(causal_lm):
+        return f"{type(causal_lm).__name__}.forward has no `logits_to_keep` argument"
+    head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
+    # An aLoRA head reads per-row offsets (or lorafleet's per-token mask) against a [batch, seq] input; the kept
+    # rows are flattened, so its activation would no longer line up.
+    if head is not None and any(is_alora_variant(v) for v in lora_variants(head).values()):
+        return "the LM head is an aLoRA layer (its activation needs the [batch, seq] layout)"
     return None
 
 
@@ -178,7 +216,8 @@ def lm_loss(
             (`attention_mask == 0`) ignored.
         position_ids (`torch.LongTensor`, *optional*): `[batch, seq]` (packed rows restart positions).
         fused (`bool`, *optional*, defaults to `True`): Chunked LM head + loss (see [`fused_loss_refusal`]) or the
-            causal LM's own forward with full logits.
+            causal LM's own forward, with logits at the target positions only (full logits where
+            [`label_only_refusal`] says so).
         chunk_rows (`int`, *optional*): Token rows per chunk for the fused path.
 
     Returns:
@@ -208,11 +247,17 @@ def lm_loss(
     target_mask = shift_labels != IGNORE_INDEX
     n_tokens = target_mask.sum()
     if not fused:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        logits = out.logits[:, :-1]
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if label_only_refusal(model) is None:
+            # Position t predicts label t+1: keep t where that label is a target (never the last position).
+            keep = torch.zeros_like(labels, dtype=torch.bool)
+            keep[:, :-1] = target_mask
+            logits, targets = logits_at(model, keep, **inputs), shift_labels[target_mask]
+        else:
+            logits, targets = model(**inputs).logits[:, :-1], shift_labels
         loss = torch.nn.functional.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]),
-            shift_labels.reshape(-1),
+            targets.reshape(-1),
             ignore_index=IGNORE_INDEX,
             reduction="sum",
         )

@@ -18,6 +18,7 @@ import logging
 import math
 from typing import Any, Optional
 
+from lorafleet.constants import GENERATION_METRICS
 from lorafleet.runstore.location import METRICS_FILE, PLOT_FILE, RunLocation
 
 logger = logging.getLogger(__name__)
@@ -95,13 +96,17 @@ def read_metrics(location: RunLocation) -> list[dict[str, Any]]:
 
 def eval_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The held-out results of a run's step records: `eval_loss` (the last evaluation), `best_eval_loss` and
-    `best_step` (the lowest finite one, the earliest on ties); `{}` when no record has an `eval_loss`.
+    `best_step` (the lowest finite one, the earliest on ties); with `eval.generate`, the last `eval_<metric>` scores
+    and the base model's `base_<metric>` (measured before the first step); `{}` when no record has an `eval_loss`.
 
     Example:
 
     ```python
     >>> eval_summary([{"step": 2, "eval_loss": 2.5}, {"step": 3}, {"step": 4, "eval_loss": 2.7}])
     {'eval_loss': 2.7, 'best_eval_loss': 2.5, 'best_step': 2}
+    >>> eval_summary([{"step": 1, "loss": 3.0, "base_exact_match": 0.0},
+    ...               {"step": 2, "loss": 2.0, "eval_loss": 2.5, "eval_exact_match": 0.5}])
+    {'eval_loss': 2.5, 'best_eval_loss': 2.5, 'best_step': 2, 'eval_exact_match': 0.5, 'base_exact_match': 0.0}
     >>> eval_summary([{"step": 1, "loss": 3.0}])
     {}
     ```
@@ -114,6 +119,11 @@ def eval_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     if finite:
         best = min(finite, key=lambda r: (r["eval_loss"], r["step"]))
         out.update(best_eval_loss=best["eval_loss"], best_step=best["step"])
+    for prefix, pick in (("eval_", -1), ("base_", 0)):  # the last scores, and the base model's (the first record's)
+        for metric in GENERATION_METRICS:
+            scored = [r[prefix + metric] for r in records if isinstance(r.get(prefix + metric), (int, float))]
+            if scored:
+                out[prefix + metric] = scored[pick]
     return out
 
 

@@ -41,27 +41,41 @@ def spec_reference() -> str:
     """
     lines = []
     for section, info in JobSpec.model_fields.items():
-        annotation = info.annotation
-        model = next(
-            (a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)),
-            None,
-        )
+        model = _section_model(info.annotation)
         if model is None:
             lines += [f"## `{section}`", "", info.description or "", ""]
             continue
         optional = " (optional section)" if info.default is None and not info.is_required() else ""
         lines += [f"## `{section}`{optional}", "", "| field | type | default | meaning |", "|---|---|---|---|"]
-        for name, field in model.model_fields.items():
-            if field.is_required():
-                default = "required"
-            elif field.default_factory is not None:
-                default = f"`{json_default(field.default_factory())}`"
-            else:
-                default = f"`{json_default(field.default)}`"
-            kind = _type_name(field.annotation).replace("|", "\\|")
-            lines.append(f"| `{section}.{name}` | {kind} | {default} | {field.description or ''} |")
+        lines += _rows(section, model)
         lines.append("")
     return "\n".join(lines)
+
+
+def _section_model(annotation: Any) -> Any:
+    """The pydantic model a field holds (`Optional[X]` included), or `None` for a plain value."""
+    return next(
+        (a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+        None,
+    )
+
+
+def _rows(prefix: str, model: Any) -> list[str]:
+    """One table row per field of `model`, and after a nested section's own row, one per field of it."""
+    rows = []
+    for name, field in model.model_fields.items():
+        if field.is_required():
+            default = "required"
+        elif field.default_factory is not None:
+            default = f"`{json_default(field.default_factory())}`"
+        else:
+            default = f"`{json_default(field.default)}`"
+        nested = _section_model(field.annotation)
+        kind = "section" if nested is not None else _type_name(field.annotation).replace("|", "\\|")
+        rows.append(f"| `{prefix}.{name}` | {kind} | {default} | {field.description or ''} |")
+        if nested is not None:
+            rows += _rows(f"{prefix}.{name}", nested)
+    return rows
 
 
 def json_default(value: Any) -> str:

@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lorafleet.constants import GENERATION_METRICS
 from lorafleet.families import FAMILY_NAMES
 
 
@@ -325,6 +326,20 @@ class CheckpointSpec(_Section):
         return value
 
 
+class GenerateEvalSpec(_Section):
+    max_new_tokens: int = Field(32, gt=0, description="Tokens generated at most per held-out record (greedy).")
+    metrics: list[Literal[GENERATION_METRICS]] = Field(
+        default_factory=lambda: list(GENERATION_METRICS),
+        min_length=1,
+        description="Scores of each answer against the record's target (`output` for instruction data, the last "
+        "assistant turn for chat): `exact_match` (the same text, surrounding whitespace aside) and `contains` (the "
+        "target appears in the answer). Each becomes `eval_<name>` in metrics.jsonl and the summary.",
+    )
+    num_samples: int = Field(
+        32, gt=0, description="Generate for the first this many held-out records (at most `eval.max_samples`)."
+    )
+
+
 class EvalSpec(_Section):
     every_n_steps: Optional[int] = Field(
         None,
@@ -347,6 +362,12 @@ class EvalSpec(_Section):
         ge=0.0,
         description="How much lower than the best so far a held-out loss must be to count as an improvement "
         "(with `early_stopping_patience`).",
+    )
+    generate: Optional[GenerateEvalSpec] = Field(
+        None,
+        description="Also generate answers (greedy, with the job's template) for held-out records at each evaluation "
+        "and score them (`eval_exact_match`, `eval_contains`); also measured once before the first step, for the "
+        "base model. Runs on the rank-0 worker. Default: off (the held-out loss only).",
     )
 
 
@@ -387,12 +408,19 @@ class JobSpec(_Section):
     def _eval_needs_held_out_data(self) -> "JobSpec":
         # By value, not `model_fields_set`: a spec sent to the workers as JSON carries every field, defaults included.
         e = self.eval
-        asked = (e.every_n_steps, e.max_samples, e.early_stopping_patience)
+        asked = (e.every_n_steps, e.max_samples, e.early_stopping_patience, e.generate)
         if (any(v is not None for v in asked) or e.min_delta) and not self.data.evaluates:
             # A loc-less error: the message names the section itself.
             raise ValueError("eval: evaluation needs held-out data: set `data.eval_path` or `data.eval_fraction`")
         if e.min_delta and e.early_stopping_patience is None:
             raise ValueError("eval.min_delta: only counts with `eval.early_stopping_patience`; set that too")
+        if e.generate is not None:
+            if self.data.format == "text" and self.alora is None:
+                raise ValueError("eval.generate: `text` records have no prompt and target to generate from (use "
+                                 "instruction or chat data, or an aLoRA invocation)")
+            if self.scaling.strategy == "deepspeed" and self.scaling.zero_stage == 3:
+                raise ValueError("eval.generate: not available with ZeRO-3 (rank 0 holds only a shard of the model); "
+                                 "use zero_stage 2, or `lorafleet eval` on a checkpoint")
         return self
 
     @model_validator(mode="after")

@@ -44,6 +44,7 @@ from lorafleet.runstore.location import RunLocation, folder_name, storage_env
 from lorafleet.runstore.monitoring import eval_summary, run_records, write_run_artifacts
 from lorafleet.runstore.storage import UPLOAD_RETRY_S
 from lorafleet.spec import JobSpec, SpecError
+from lorafleet.train.timings import PhaseClock
 from lorafleet.train.worker import (
     StepHook,
     WorkerInputs,
@@ -85,12 +86,21 @@ class RunSummary:
     best_adapter_uri: Optional[str] = None
     # The run ended before `training.steps` because `eval.early_stopping_patience` evaluations did not improve.
     stopped_early: bool = False
+    # With `eval.generate`: the last scores of generated answers to held-out records, and the base model's (before the
+    # first step); `eval_contains` / `base_contains` likewise.
+    eval_exact_match: Optional[float] = None
+    eval_contains: Optional[float] = None
+    base_exact_match: Optional[float] = None
+    base_contains: Optional[float] = None
+    # Seconds per phase of the run's fixed cost (lorafleet.train.timings.PHASES), e.g. {"ray_start": 4.2, ...}.
+    phases: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         if not out["stopped_early"]:
             out.pop("stopped_early")
-        for name in ("error", "eval_loss", "best_eval_loss", "best_step", "best_adapter_uri"):
+        for name in ("error", "eval_loss", "best_eval_loss", "best_step", "best_adapter_uri", "eval_exact_match",
+                     "eval_contains", "base_exact_match", "base_contains"):
             if out[name] is None:
                 out.pop(name)
         if not out["kernels_skipped"]:
@@ -391,8 +401,10 @@ def start_ray(address: Optional[str] = None, verbose: bool = False) -> Optional[
     return line
 
 
-def make_trainer(prepared: Prepared, channel: Any = None, step_hooks: Sequence[StepHook] = ()) -> Any:
-    """Assemble the `TorchTrainer` for a prepared spec (`step_hooks`: see [`run_job`])."""
+def make_trainer(
+    prepared: Prepared, channel: Any = None, step_hooks: Sequence[StepHook] = (), callbacks: Sequence[Any] = ()
+) -> Any:
+    """Assemble the `TorchTrainer` for a prepared spec (`step_hooks`, `callbacks`: see [`run_job`])."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -419,6 +431,7 @@ def make_trainer(prepared: Prepared, channel: Any = None, step_hooks: Sequence[S
             # `keep_best_by`: the best `keep` by it plus the latest (lorafleet.compat.ray item 5).
             checkpoint_config=checkpoint_config(spec.checkpoint.keep, spec.checkpoint.keep_best_by),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
+            callbacks=list(callbacks) or None,
         ),
     )
 
@@ -448,7 +461,9 @@ def _storage_reachable(spec: JobSpec) -> bool:
     return RunLocation.of(spec).reachable()
 
 
-def fit_with_storage_retries(prepared: Prepared, channel: Any, step_hooks: Sequence[StepHook] = ()) -> Any:
+def fit_with_storage_retries(
+    prepared: Prepared, channel: Any, step_hooks: Sequence[StepHook] = (), callbacks: Sequence[Any] = ()
+) -> Any:
     """`TorchTrainer.fit()`, started again while storage is unreachable, for up to `LORAFLEET_UPLOAD_RETRY_S`.
 
     Ray Train only counts a checkpoint once every worker's upload finished, and a re-run with the same name and
@@ -462,7 +477,7 @@ def fit_with_storage_retries(prepared: Prepared, channel: Any, step_hooks: Seque
     started, delay = time.monotonic(), 2.0
     while True:
         try:
-            return make_trainer(prepared, channel, step_hooks).fit()
+            return make_trainer(prepared, channel, step_hooks, callbacks).fit()
         except Exception as exc:
             if not _storage_outage(exc):
                 raise
@@ -481,7 +496,9 @@ def fit_with_storage_retries(prepared: Prepared, channel: Any, step_hooks: Seque
                     break
 
 
-def fit_interruptibly(prepared: Prepared, channel: Any, step_hooks: Sequence[StepHook] = ()) -> Any:
+def fit_interruptibly(
+    prepared: Prepared, channel: Any, step_hooks: Sequence[StepHook] = (), callbacks: Sequence[Any] = ()
+) -> Any:
     """[`fit_with_storage_retries`] on a helper thread while the main thread waits, so that a signal reaches the caller.
 
     `TorchTrainer.fit()` called on the main thread replaces the SIGINT handler with Ray Train's own, which aborts the
@@ -490,12 +507,12 @@ def fit_interruptibly(prepared: Prepared, channel: Any, step_hooks: Sequence[Ste
     stops the run cleanly. Off the main thread (no signals to receive) it calls fit directly.
     """
     if threading.current_thread() is not threading.main_thread():
-        return fit_with_storage_retries(prepared, channel, step_hooks)
+        return fit_with_storage_retries(prepared, channel, step_hooks, callbacks)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
         try:
-            outcome["result"] = fit_with_storage_retries(prepared, channel, step_hooks)
+            outcome["result"] = fit_with_storage_retries(prepared, channel, step_hooks, callbacks)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
             outcome["error"] = exc
 
@@ -640,6 +657,8 @@ def run_job(
     verbose: bool = False,
     fresh: bool = False,
     step_hooks: Sequence[StepHook] = (),
+    clock: Optional[PhaseClock] = None,
+    callbacks: Sequence[Any] = (),
 ) -> RunSummary:
     """Run a job to the end and summarize it.
 
@@ -661,6 +680,11 @@ def run_job(
         step_hooks (`Sequence[StepHook]`, *optional*, defaults to `()`):
             Callables every worker runs before each step ([`~lorafleet.train.worker.StepHook`]); one returning `True`
             ends the run cleanly after its next checkpoint.
+        clock ([`~lorafleet.train.timings.PhaseClock`], *optional*):
+            Times the run's phases (`phases` in the summary; one line each in the log at INFO); default a clock
+            started now. `lorafleet submit` passes one started with the command, so its start counts too.
+        callbacks (`Sequence[ray.train.UserCallback]`, *optional*, defaults to `()`):
+            Ray Train callbacks for the run's controller (a sweep's trial passes Tune's report callback).
 
     Returns:
         [`RunSummary`]: `status` is `succeeded`, `failed` (with `error`) or `interrupted` (a `KeyboardInterrupt`
@@ -681,6 +705,7 @@ def run_job(
     ('succeeded', 4)
     ```
     """
+    clock = clock or PhaseClock()
     prepared = prepare(spec)
     location = RunLocation.of(spec)
     preflight(prepared, location, fresh)  # storage that cannot be written, a re-submit over other data: refused
@@ -690,7 +715,13 @@ def run_job(
         if fresh:
             location.delete()
             lease.renew()  # the run folder is gone, lease included: write it again
-        return _train(prepared, location, address, on_progress, verbose, step_hooks)
+        clock.lap("preflight")
+        summary = _train(prepared, location, address, on_progress, verbose, step_hooks, clock, callbacks)
+    clock.lap("after_last_step")
+    summary.phases = clock.as_dict()
+    for line in clock.lines():
+        logger.info(line)
+    return summary
 
 
 def _train(
@@ -700,6 +731,8 @@ def _train(
     on_progress: Optional[ProgressFn],
     verbose: bool,
     step_hooks: Sequence[StepHook],
+    clock: PhaseClock,
+    callbacks: Sequence[Any] = (),
 ) -> RunSummary:
     """[`run_job`] once the run's lease is held: start Ray, fit, summarize."""
     import ray
@@ -707,6 +740,7 @@ def _train(
 
     spec = prepared.spec
     start_ray(address, verbose)
+    clock.lap("ray_start")
     channel = Queue(actor_options={"num_cpus": 0})
     history: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []  # {"event": "complete" | "fatal", ...} from the workers, not step metrics
@@ -719,10 +753,16 @@ def _train(
             except (_queue.Empty, Exception):
                 continue
             if "event" in item:
+                if item["event"] == "phases":  # rank 0's set-up (lorafleet.train.timings)
+                    clock.merge_worker(item)
+                    continue
                 if item["event"] == "warning":  # e.g. a damaged checkpoint skipped on resume: shown as it happens
                     logger.warning(item["message"])
                 events.append(item)
                 continue
+            if not history:
+                clock.lap("first_step")
+            clock.skip_to(time.time())  # the steps are not fixed cost: the last phase starts at the last step
             history.append(item)
             if on_progress is not None:
                 on_progress(item)
@@ -732,7 +772,7 @@ def _train(
     summary = RunSummary(job=spec.name, status="succeeded")
     interrupted = False
     try:
-        result = fit_interruptibly(prepared, channel, step_hooks)
+        result = fit_interruptibly(prepared, channel, step_hooks, callbacks)
     except Exception as exc:  # Ray wraps worker errors; the summary carries the worker's own message.
         result = None
         summary.status = "failed"

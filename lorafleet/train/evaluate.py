@@ -18,6 +18,8 @@ from typing import Any, ContextManager, Optional
 import torch
 
 from lorafleet.data.batching import collate
+from lorafleet.infer.scoring import score_records
+from lorafleet.spec import JobSpec
 
 
 @dataclass
@@ -165,3 +167,49 @@ def eval_metrics(result: EvalResult) -> dict[str, Any]:
     ```
     """
     return {"eval_loss": result.loss}
+
+
+def generation_metrics(model, tokenizer, records: Sequence[dict], spec: JobSpec, prefix: str = "eval_") -> dict[str, float]:
+    """Greedy answers to held-out records with the job's template, scored against their targets (`eval.generate`).
+
+    Runs [`~lorafleet.infer.scoring.score_records`] on one process: the rank-0 worker calls it with its own (not the
+    DDP or DeepSpeed wrapper's) model, which holds every weight under DDP and ZeRO-2, so no other rank takes part. The
+    model's train/eval mode and the RNG streams are left as they were.
+
+    Args:
+        model (`peft.PeftModel`): The adapter being trained, on its base model.
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]): The base model's tokenizer.
+        records (`Sequence[dict]`): Held-out records ([`~lorafleet.data.dataset.TrainingData`]`.eval_records`).
+        spec ([`~lorafleet.spec.JobSpec`]): The job: `data.format`, `eval.generate` (`max_new_tokens`, `metrics`),
+            `training.micro_batch_size` (prompts per `generate` call).
+        prefix (`str`, *optional*, defaults to `"eval_"`): Prepended to each metric's name (`"base_"` for the score
+            before the first step).
+
+    Returns:
+        `dict[str, float]`: `{prefix + metric: mean over the scored records}`; empty when no record could be scored.
+
+    Example:
+
+    ```python
+    >>> from peft import LoraConfig, get_peft_model
+    >>> from lorafleet.data.tokenizer import load_tokenizer
+    >>> from lorafleet.model.families import family_config
+    >>> from lorafleet.spec import load_spec
+    >>> from transformers import AutoModelForCausalLM
+    >>> tokenizer = load_tokenizer()
+    >>> config = family_config("llama", len(tokenizer), {"hidden_size": 32, "intermediate_size": 64,
+    ...                        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1})
+    >>> model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=2, target_modules=["q_proj"]))
+    >>> spec = load_spec("jobs/llama.yaml", ["data.eval_fraction=0.1", "eval.generate.max_new_tokens=4"])
+    >>> generation_metrics(model, tokenizer, [{"instruction": "Say sun 2 times.", "output": "sun sun"}], spec)
+    {'eval_exact_match': 0.0, 'eval_contains': 0.0}
+    ```
+    """
+    generate = spec.eval.generate
+    if generate is None or not records:
+        return {}
+    scores = score_records(
+        model, tokenizer, records, spec.data.format, max_new_tokens=generate.max_new_tokens,
+        metrics=generate.metrics, batch_size=spec.training.micro_batch_size,
+    )
+    return {f"{prefix}{name}": value for name, value in scores.metrics.items()}

@@ -21,6 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
+from lorafleet.train.timings import PhaseClock
+
+# Started before the heavy imports below: in a Ray Train worker this module is first imported when the training loop
+# arrives, so the clock's first phase is the worker's imports. Taken by the first run in this process (`_startup_clock`).
+_IMPORT_CLOCK: Optional[PhaseClock] = PhaseClock()
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -28,7 +34,7 @@ import torch.distributed as dist
 from lorafleet.data.batching import collate
 from lorafleet.data.dataset import TrainingData
 from lorafleet.data.plan import BatchPlan
-from lorafleet.model.build import build_model
+from lorafleet.model.build import build_model, load_tokenizer_for
 from lorafleet.model.device import torch_dtype
 from lorafleet.runstore.checkpoint import (
     checkpoint_problem,
@@ -43,7 +49,7 @@ from lorafleet.runstore.location import RunLocation, folder_name
 from lorafleet.runstore.monitoring import export_step
 from lorafleet.runstore.storage import upload_checkpoint
 from lorafleet.spec import JobSpec, spec_from_json
-from lorafleet.train.evaluate import eval_metrics, evaluate_loss
+from lorafleet.train.evaluate import eval_metrics, evaluate_loss, generation_metrics
 from lorafleet.train.strategies import Strategy, is_distributed, make_strategy
 
 
@@ -538,9 +544,19 @@ class EvalProgress:
         return cls(recorded.get("best"), recorded.get("best_step"), int(recorded.get("since_best", 0)))
 
 
+def _startup_clock() -> PhaseClock:
+    """The clock of this process's first run, started when this module began importing (a later run in the same
+    process imports nothing: its clock starts now)."""
+    global _IMPORT_CLOCK
+    clock, _IMPORT_CLOCK = _IMPORT_CLOCK or PhaseClock(), None
+    return clock
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; `config` is [`WorkerInputs.config`]'s dict."""
 
+    clock = _startup_clock()
+    clock.lap("worker_imports")
     inputs = WorkerInputs.from_config(config)
     spec = spec_from_json(inputs.spec)
     ctx = _context()
@@ -548,10 +564,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = inputs.data
     plan = data.plan(spec)
     model, kernels = build_model(spec, inputs.base, ctx.device, invocation_tokens=data.invocation_tokens)
+    clock.lap("worker_model")
     strategy = make_strategy(model, spec, ctx.device, kernels)
     channel = inputs.channel
     resumed: dict[str, Any] = {}
     start_step = resume(strategy, spec, ctx, channel, info=resumed)
+    clock.lap("worker_resume")
+    if channel is not None and ctx.rank == 0:
+        channel.actor.put_nowait.remote(clock.event())  # the driver's phase timings (lorafleet.train.timings)
     progress = EvalProgress.from_info(resumed)
     patience = spec.eval.early_stopping_patience
 
@@ -563,6 +583,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         ray.get(channel.actor.put.remote({"event": "complete", "step": start_step, "start_step": start_step,
                                           "stopped_early": bool(resumed.get("stopped_early"))}))
+    # `eval.generate` scores on rank 0 alone; before the first step too, as the base model's score (LoRA's B starts
+    # at zero, so the adapter adds nothing yet).
+    generating = spec.eval.generate is not None and ctx.rank == 0
+    tokenizer = load_tokenizer_for(inputs.base, spec.model.trust_remote_code) if generating else None
+    base_scores: dict[str, float] = {}
+    if tokenizer is not None and start_step == 0 and not finished:
+        base_scores = generation_metrics(strategy.peft_model, tokenizer, data.eval_records, spec, prefix="base_")
     stop_requested = False
     for step in range(start_step, start_step if finished else t.steps):
         event = StepEvent(step + 1, ctx.rank, ctx.world_size, strategy)
@@ -578,12 +605,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stop_early = False
         if spec.evaluates_at(done):
             metrics.update(held_out_metrics(strategy, data, ctx, spec))
+            if tokenizer is not None:
+                metrics.update(generation_metrics(strategy.peft_model, tokenizer, data.eval_records, spec))
             progress.update(metrics["eval_loss"], done, spec.eval.min_delta)
             # Every rank saw the same all-reduced loss, so every rank decides alike; the last step is no early stop.
             stop_early = progress.exhausted(patience) and done < t.steps
             if stop_early:
                 metrics["stopped_early"] = True
         if step == start_step:
+            metrics.update(base_scores)
             metrics["kernels"] = dict(kernels.applied)
             if kernels.skipped:
                 metrics["kernels_skipped"] = kernels.reasons()

@@ -3,7 +3,8 @@ progress line, the summary and `lorafleet report`; training losses bitwise those
 and the 2-worker held-out loss equal to a single-process one on the same adapter, and to plain PEFT's logits.
 
 Three runs of the small default job (2 workers, fp32, LoRA dropout on so any RNG draw by the evaluation would show in
-the training losses): one evaluating a held-out file every 3 steps, the same without evaluation, and the first under
+the training losses): one evaluating a held-out file every 3 steps (and generating answers to 6 of its records, scored
+before the first step and at each evaluation), the same without evaluation, and the first under
 DeepSpeed ZeRO-3 (whose forward gathers parameters from all ranks together, so both ranks must make as many forward
 calls: 25 held-out samples make rank 1 pad one). The 2-worker held-out loss is compared with a single-process
 evaluation of the very adapter the run saved, rather than with a 1-worker run: with dropout on, a 1-worker run draws
@@ -42,6 +43,8 @@ CPU = torch.device("cpu")
 ZERO3 = ["scaling.strategy=deepspeed", "scaling.zero_stage=3"]
 # 25 held-out samples over 2 workers in micro-batches of 4: 13 and 12, so rank 1 pads its 4th call (ZeRO-3's rule).
 EVAL = ["eval.every_n_steps=3", "eval.max_samples=25"]
+# Greedy answers to 6 held-out records at each evaluation, on rank 0 (not under ZeRO-3, which refuses it).
+GENERATE = ["eval.generate.num_samples=6", "eval.generate.max_new_tokens=6"]
 
 
 def records(storage: Path, name: str) -> list[dict]:
@@ -53,7 +56,7 @@ def runs(tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     held_out = storage.parent / "held_out.jsonl"
     held_out.write_text("".join((JOBS / "data" / "tasks.jsonl").read_text().splitlines(keepends=True)[-40:]))
-    evaluated = submit_small("with-eval", storage, f"data.eval_path={held_out}", *EVAL)
+    evaluated = submit_small("with-eval", storage, f"data.eval_path={held_out}", *EVAL, *GENERATE)
     plain = submit_small("without-eval", storage)
     zero3 = submit_small("zero3-eval", storage, f"data.eval_path={held_out}", *EVAL, *ZERO3)
     for proc, summary in (evaluated, plain, zero3):
@@ -89,12 +92,25 @@ def test_eval_loss_at_eval_steps_in_metrics_progress_summary_and_report(runs):
     assert read_info(summary["adapter_uri"])["step"] == 6
 
 
+def test_generation_scores_at_eval_steps_and_the_base_models_before_the_first_step(runs):
+    storage, _, (proc, summary), _, _ = runs
+    rows = records(storage, "with-eval")
+    scored = {r["step"]: (r["eval_exact_match"], r["eval_contains"]) for r in rows if "eval_exact_match" in r}
+    assert sorted(scored) == [2, 3, 4, 6]  # with every held-out loss
+    assert all(0.0 <= v <= 1.0 for pair in scored.values() for v in pair)
+    assert [r["step"] for r in rows if "base_exact_match" in r] == [1]
+    assert (summary["eval_exact_match"], summary["eval_contains"]) == scored[6]
+    assert summary["base_exact_match"] == rows[0]["base_exact_match"]
+    assert "exact match " in proc.stderr.split("done, loss")[-1], proc.stderr[-1500:]  # before -> after, at the end
+
+
 def test_evaluation_leaves_training_bitwise_unchanged(runs):
     storage, _, _, (_, plain_summary), _ = runs
     with_eval, without = records(storage, "with-eval"), records(storage, "without-eval")
     assert [(r["loss"], r["grad_norm"]) for r in with_eval] == [(r["loss"], r["grad_norm"]) for r in without]
     # Without evaluation the summary carries no evaluation fields at all.
-    assert not {"eval_loss", "best_eval_loss", "best_step", "best_adapter_uri", "stopped_early"} & set(plain_summary)
+    assert not {"eval_loss", "best_eval_loss", "best_step", "best_adapter_uri", "stopped_early", "eval_exact_match",
+                "base_exact_match"} & set(plain_summary)
     assert all("eval_loss" not in r for r in without)
 
 

@@ -4,19 +4,23 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from helpers.cli import JOBS, run_cli
+from lorafleet.train.timings import PHASES
 
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     """The shipped default job, exactly as the README runs it (only storage redirected)."""
     storage = tmp_path_factory.mktemp("runs")
+    started = time.monotonic()
     result = run_cli("submit", str(JOBS / "llama.yaml"), "--json", "--set", f"checkpoint.storage={storage}", timeout=900)
+    result.wall_s = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     return summary, storage, result
@@ -32,6 +36,10 @@ def test_default_job_learns(default_run):
     assert summary["tokens_per_s"] > 0
     assert "step 120/120" in result.stderr
     assert "Traceback" not in result.stderr
+    # Where the fixed cost went (lorafleet.train.timings): every phase timed, none longer than the command.
+    phases = summary["phases"]
+    assert set(phases) == set(PHASES) and all(seconds > 0 for seconds in phases.values()), phases
+    assert sum(phases.values()) <= result.wall_s, (phases, result.wall_s)
 
 
 def test_checkpoint_is_adapter_only(default_run):

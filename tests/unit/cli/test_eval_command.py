@@ -14,6 +14,7 @@ from lorafleet.data.encode import prepare_samples
 from lorafleet.data.templates import format_instruction_prompt
 from lorafleet.data.tokenizer import load_tokenizer
 from lorafleet.model.build import materialize
+from lorafleet.model.device import torch_dtype
 from lorafleet.runstore.checkpoint import save_checkpoint
 from lorafleet.spec import DataSpec, ModelSpec
 from lorafleet.train.evaluate import evaluate_loss
@@ -231,11 +232,14 @@ def test_alora_adapter_is_evaluated_with_its_activation(adapters, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = _eval_json(alora, "--data", data, "--max-new-tokens", "2")
     assert out["samples"] == 3 and out["generated"] == 3
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(adapters["base"]), str(alora)).eval()
+    # Loaded as `lorafleet eval` loads it (`dtype: auto`: bfloat16 where this CPU computes it natively), and
+    # evaluated in its micro-batches of 8, so both sides do the same arithmetic on any CPU.
+    base = AutoModelForCausalLM.from_pretrained(adapters["base"], dtype=torch_dtype("auto", "cpu"))
+    model = PeftModel.from_pretrained(base, str(alora)).eval()
     samples = prepare_samples(DataSpec(path="x.jsonl", format="text", max_length=128), tok, records,
                               invocation=Invocation(invocation))
     direct = evaluate_loss(LossModule(model, fused_loss=False), samples, 0, device=torch.device("cpu"),
-                           micro_batch_size=1)
+                           micro_batch_size=8)
     # Only what follows each invocation is a target: the answer, <|end|> and </s>.
     assert direct.tokens == sum(len(tok(a, add_special_tokens=False)["input_ids"]) + 2 for a in ("yes", "no", "yes"))
     assert out["loss"] == pytest.approx(direct.loss, rel=1e-5)

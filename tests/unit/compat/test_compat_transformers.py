@@ -141,3 +141,44 @@ def test_sdpa_refusal_is_recognized_and_nothing_else():
         _model("llama", "sdpa_v2")
     assert not compat.refuses_sdpa(unknown.value)
     assert not compat.refuses_sdpa(RuntimeError("scaled_dot_product_attention: out of memory"))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_boolean_logits_to_keep_gives_the_kept_rows_of_the_full_logits(family):
+    model = _model(family)
+    if getattr(model.config, "final_logit_softcapping", None) is not None:
+        model.config.final_logit_softcapping = 0.5  # the kept rows must be soft-capped too
+    assert compat.takes_logits_to_keep(model), (
+        f"transformers: {type(model).__name__}.forward has no `logits_to_keep` argument (lorafleet.compat.transformers "
+        "item 4, checked 5.23.0-5.24.0); the unfused loss falls back to full logits"
+    )
+    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(0))
+    keep = torch.zeros(3, 7, dtype=torch.bool)
+    keep[0, 2:5] = keep[2, [0, 6]] = True  # a different count per row, and a row with none
+    full = model(input_ids=ids).logits
+    try:
+        kept = compat.logits_at(model, keep, input_ids=ids)
+    except RuntimeError as error:
+        pytest.fail(str(error))
+    assert kept.shape == (5, 64), (
+        f"transformers: a boolean [batch, seq] logits_to_keep no longer gives [num_true, vocab] logits from "
+        f"{type(model).__name__} (lorafleet.compat.transformers item 4, checked 5.23.0-5.24.0): {tuple(kept.shape)}"
+    )
+    torch.testing.assert_close(kept, full[keep], rtol=1e-5, atol=1e-6, msg=lambda m: (
+        "transformers: the logits of a boolean logits_to_keep are not the full logits at the kept positions, in "
+        f"row-major order (lorafleet.compat.transformers item 4, checked 5.23.0-5.24.0): {m}"
+    ))
+    if family == "gemma2":
+        assert kept.abs().max() <= 0.5
+
+
+def test_logits_at_refuses_a_forward_that_ignored_the_mask():
+    class FullLogits(torch.nn.Module):
+        def forward(self, input_ids, logits_to_keep=0):
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 8)})()
+
+    assert compat.takes_logits_to_keep(FullLogits())
+    with pytest.raises(RuntimeError, match="item 4"):
+        compat.logits_at(FullLogits(), torch.ones(2, 3, dtype=torch.bool), input_ids=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="2-D bool"):
+        compat.logits_at(FullLogits(), torch.ones(2, 3, dtype=torch.long), input_ids=torch.zeros(2, 3, dtype=torch.long))

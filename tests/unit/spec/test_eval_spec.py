@@ -79,3 +79,27 @@ def test_evaluated_steps_include_every_checkpoint_with_keep_best(overrides, eval
 def test_nothing_is_evaluated_without_held_out_data():
     spec = load_spec(JOB, ["training.steps=4", "training.warmup=1", "checkpoint.every_n_steps=2"])
     assert not any(spec.evaluates_at(step) for step in range(1, 5))
+
+
+def test_generation_fields_are_checked_and_reach_the_workers():
+    assert problems("eval.generate.max_new_tokens=8") == [
+        "eval: evaluation needs held-out data: set `data.eval_path` or `data.eval_fraction`"
+    ]
+    assert problems(HELD_OUT, "eval.generate.metrics=[bleu]") == [
+        "eval.generate.metrics.0: Input should be 'exact_match' or 'contains' (got 'bleu')"
+    ]
+    assert problems(HELD_OUT, "eval.generate.num_samples=0") == [
+        "eval.generate.num_samples: Input should be greater than 0 (got 0)"
+    ]
+    assert problems(HELD_OUT, "eval.generate={}", "scaling.strategy=deepspeed", "scaling.zero_stage=3") == [
+        "eval.generate: not available with ZeRO-3 (rank 0 holds only a shard of the model); use zero_stage 2, or "
+        "`lorafleet eval` on a checkpoint"
+    ]
+    assert problems(HELD_OUT, "eval.generate={}", "data.format=text") == [
+        "eval.generate: `text` records have no prompt and target to generate from (use instruction or chat data, or "
+        "an aLoRA invocation)"
+    ]
+    assert load_spec(JOB, [HELD_OUT]).eval.generate is None  # off by default
+    spec = load_spec(JOB, [HELD_OUT, "eval.generate.metrics=[contains]"])
+    generate = spec_from_json(spec.model_dump_json()).eval.generate
+    assert (generate.metrics, generate.max_new_tokens, generate.num_samples) == (["contains"], 32, 32)

@@ -1,14 +1,25 @@
 """The held-out loss (lorafleet.train.evaluate): equal to a plain single-process PEFT computation on the same adapter,
-the same split over any number of ranks, and leaving training's RNG and mode as they were."""
+the same split over any number of ranks, and leaving training's RNG and mode as they were; generation scores
+(`eval.generate`) of greedy answers with the job's template."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from helpers.models import tiny_alora
+from helpers.cli import JOBS
+from helpers.models import TARGETS, tiny_alora
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
 
 from lorafleet.constants import IGNORE_INDEX
-from lorafleet.train.evaluate import EvalResult, evaluate_loss
+from lorafleet.data.batching import collate
+from lorafleet.data.dataset import TrainingData
+from lorafleet.data.tokenizer import load_tokenizer
+from lorafleet.model.families import family_config
+from lorafleet.spec import load_spec
+from lorafleet.train.evaluate import EvalResult, evaluate_loss, generation_metrics
 from lorafleet.train.loss import LossModule
 
 CPU = torch.device("cpu")
@@ -121,3 +132,37 @@ def test_training_mode_rng_and_gradients_are_left_alone():
 def test_several_ranks_need_a_reduction():
     with pytest.raises(ValueError, match="all_reduce"):
         evaluate_loss(torch.nn.Identity(), [], 0, device=CPU, micro_batch_size=1, rank=0, world_size=2)
+
+
+def test_generation_metrics_score_greedy_answers_with_the_jobs_template(tmp_path):
+    # Two records memorized by a tiny LoRA model: from none right (the base) to both right, scored as the run does.
+    records = [{"instruction": "Say sun 2 times.", "output": "sun sun"},
+               {"instruction": "Spell the word king with dashes.", "output": "k-i-n-g"}]
+    path = tmp_path / "two.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    spec = load_spec(JOBS / "llama.yaml", [f"data.path={path}", f"data.eval_path={path}", "data.packing=false",
+                                           "eval.generate.max_new_tokens=8", "eval.generate.num_samples=2"])
+    tokenizer = load_tokenizer()
+    data = TrainingData.from_spec(spec, tokenizer)
+    assert data.eval_records == records
+    torch.manual_seed(0)
+    config = family_config("llama", len(tokenizer), {"hidden_size": 64, "intermediate_size": 128,
+                           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
+    model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    assert generation_metrics(model, tokenizer, records, spec, prefix="base_") == {
+        "base_exact_match": 0.0, "base_contains": 0.0}
+    module = LossModule(model, fused_loss=False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = collate(data.samples, tokenizer.pad_token_id)
+    for _ in range(60):
+        loss, count = module(**batch)
+        (loss / count).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    rng = torch.get_rng_state()
+    assert generation_metrics(model, tokenizer, records, spec) == {"eval_exact_match": 1.0, "eval_contains": 1.0}
+    assert model.training and torch.equal(torch.get_rng_state(), rng)  # training goes on as if nothing happened
+    only = load_spec(JOBS / "llama.yaml", [f"data.eval_path={path}", "eval.generate.metrics=[contains]"])
+    assert generation_metrics(model, tokenizer, records[:1], only) == {"eval_contains": 1.0}
+    assert generation_metrics(model, tokenizer, records, load_spec(JOBS / "llama.yaml", [f"data.eval_path={path}"])) == {}
