@@ -402,9 +402,9 @@ def start_ray(address: Optional[str] = None, verbose: bool = False) -> Optional[
 
 
 def make_trainer(
-    prepared: Prepared, channel: Any = None, step_hooks: Sequence[StepHook] = (), callbacks: Sequence[Any] = ()
+    prepared: Prepared, channel: Any = None, step_hooks: Sequence[StepHook] = ()
 ) -> Any:
-    """Assemble the `TorchTrainer` for a prepared spec (`step_hooks`, `callbacks`: see [`run_job`])."""
+    """Assemble the `TorchTrainer` for a prepared spec (`step_hooks`: see [`run_job`])."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -431,7 +431,6 @@ def make_trainer(
             # `keep_best_by`: the best `keep` by it plus the latest (lorafleet.compat.ray item 5).
             checkpoint_config=checkpoint_config(spec.checkpoint.keep, spec.checkpoint.keep_best_by),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
-            callbacks=list(callbacks) or None,
         ),
     )
 
@@ -462,7 +461,7 @@ def _storage_reachable(spec: JobSpec) -> bool:
 
 
 def fit_with_storage_retries(
-    prepared: Prepared, channel: Any, step_hooks: Sequence[StepHook] = (), callbacks: Sequence[Any] = ()
+    prepared: Prepared, channel: Any, step_hooks: Sequence[StepHook] = ()
 ) -> Any:
     """`TorchTrainer.fit()`, started again while storage is unreachable, for up to `LORAFLEET_UPLOAD_RETRY_S`.
 
@@ -477,7 +476,7 @@ def fit_with_storage_retries(
     started, delay = time.monotonic(), 2.0
     while True:
         try:
-            return make_trainer(prepared, channel, step_hooks, callbacks).fit()
+            return make_trainer(prepared, channel, step_hooks).fit()
         except Exception as exc:
             if not _storage_outage(exc):
                 raise
@@ -497,7 +496,7 @@ def fit_with_storage_retries(
 
 
 def fit_interruptibly(
-    prepared: Prepared, channel: Any, step_hooks: Sequence[StepHook] = (), callbacks: Sequence[Any] = ()
+    prepared: Prepared, channel: Any, step_hooks: Sequence[StepHook] = ()
 ) -> Any:
     """[`fit_with_storage_retries`] on a helper thread while the main thread waits, so that a signal reaches the caller.
 
@@ -507,12 +506,12 @@ def fit_interruptibly(
     stops the run cleanly. Off the main thread (no signals to receive) it calls fit directly.
     """
     if threading.current_thread() is not threading.main_thread():
-        return fit_with_storage_retries(prepared, channel, step_hooks, callbacks)
+        return fit_with_storage_retries(prepared, channel, step_hooks)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
         try:
-            outcome["result"] = fit_with_storage_retries(prepared, channel, step_hooks, callbacks)
+            outcome["result"] = fit_with_storage_retries(prepared, channel, step_hooks)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
             outcome["error"] = exc
 
@@ -658,7 +657,6 @@ def run_job(
     fresh: bool = False,
     step_hooks: Sequence[StepHook] = (),
     clock: Optional[PhaseClock] = None,
-    callbacks: Sequence[Any] = (),
 ) -> RunSummary:
     """Run a job to the end and summarize it.
 
@@ -683,8 +681,6 @@ def run_job(
         clock ([`~lorafleet.train.timings.PhaseClock`], *optional*):
             Times the run's phases (`phases` in the summary; one line each in the log at INFO); default a clock
             started now. `lorafleet submit` passes one started with the command, so its start counts too.
-        callbacks (`Sequence[ray.train.UserCallback]`, *optional*, defaults to `()`):
-            Ray Train callbacks for the run's controller (a sweep's trial passes Tune's report callback).
 
     Returns:
         [`RunSummary`]: `status` is `succeeded`, `failed` (with `error`) or `interrupted` (a `KeyboardInterrupt`
@@ -716,7 +712,7 @@ def run_job(
             location.delete()
             lease.renew()  # the run folder is gone, lease included: write it again
         clock.lap("preflight")
-        summary = _train(prepared, location, address, on_progress, verbose, step_hooks, clock, callbacks)
+        summary = _train(prepared, location, address, on_progress, verbose, step_hooks, clock)
     clock.lap("after_last_step")
     summary.phases = clock.as_dict()
     for line in clock.lines():
@@ -732,7 +728,6 @@ def _train(
     verbose: bool,
     step_hooks: Sequence[StepHook],
     clock: PhaseClock,
-    callbacks: Sequence[Any] = (),
 ) -> RunSummary:
     """[`run_job`] once the run's lease is held: start Ray, fit, summarize."""
     import ray
@@ -772,7 +767,7 @@ def _train(
     summary = RunSummary(job=spec.name, status="succeeded")
     interrupted = False
     try:
-        result = fit_interruptibly(prepared, channel, step_hooks, callbacks)
+        result = fit_interruptibly(prepared, channel, step_hooks)
     except Exception as exc:  # Ray wraps worker errors; the summary carries the worker's own message.
         result = None
         summary.status = "failed"
