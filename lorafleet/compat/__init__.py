@@ -3,7 +3,7 @@
 - [`lorafleet.compat.peft`]: the aLoRA activation hooks and layer variant.
 - [`lorafleet.compat.transformers`]: the per-family attention functions and the KV-cache argument's name.
 - [`lorafleet.compat.ray`]: Ray Train's storage context and the controller's poll interval.
-- [`lorafleet.compat.bitsandbytes`]: the in-place CPU weight repack of `Linear4bit`.
+- [`lorafleet.compat.bitsandbytes`]: the in-place CPU weight repack of `Linear4bit`; its import-time `torch.compile`.
 - [`lorafleet.compat.accelerate`]: saving a model without importing DeepSpeed.
 - [`lorafleet.compat.deepspeed`]: restoring a worker's ZeRO optimizer state from its own shard.
 

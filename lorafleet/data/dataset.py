@@ -174,5 +174,8 @@ class TrainingData:
         return cls(samples, tokenizer.pad_token_id, tokens, eval_samples=eval_samples, eval_records=scored)
 
     def plan(self, spec: JobSpec) -> BatchPlan:
-        """The job's [`~lorafleet.data.plan.BatchPlan`] over these samples (global batch size, seed, shuffle)."""
-        return BatchPlan(len(self.samples), spec.global_batch_size, seed=spec.training.seed, shuffle=spec.data.shuffle)
+        """The job's [`~lorafleet.data.plan.BatchPlan`] over these samples (global batch size, seed, shuffle, and
+        the samples' lengths with `data.group_by_length`)."""
+        lengths = [len(s["input_ids"]) for s in self.samples] if spec.data.group_by_length else None
+        return BatchPlan(len(self.samples), spec.global_batch_size, seed=spec.training.seed, shuffle=spec.data.shuffle,
+                         lengths=lengths)

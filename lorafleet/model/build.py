@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 
 from lorafleet.compat.accelerate import unwrap_without_deepspeed
-from lorafleet.compat.bitsandbytes import disable_cpu_repack
+from lorafleet.compat.bitsandbytes import disable_cpu_repack, import_uncompiled
 from lorafleet.compat.transformers import refuses_sdpa
 from lorafleet.data.tokenizer import load_tokenizer
 from lorafleet.kernels import KernelPlan, apply_kernels
@@ -202,6 +202,7 @@ def load_base_model(spec: JobSpec, base: str, device: torch.device | str = "cpu"
     """
     from transformers import AutoModelForCausalLM
 
+    import_uncompiled()
     device = torch.device(device)
 
     def load(attention: str):

@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lorafleet.constants import GENERATION_METRICS
+from lorafleet.constants import GENERATION_METRICS, GROUP_WINDOW
 from lorafleet.families import FAMILY_NAMES
 
 
@@ -201,6 +201,12 @@ class DataSpec(_Section):
     )
     train_on_inputs: bool = Field(False, description="Also train on prompt tokens (instruction and chat formats).")
     shuffle: bool = Field(True, description="Shuffle samples every epoch (seeded by `training.seed`).")
+    group_by_length: bool = Field(
+        False,
+        description=f"Build each step from samples of similar length (windows of {GROUP_WINDOW} global batches sorted "
+        "by length, read in a seeded order): less padding per micro-batch; every sample is still read once per epoch, and "
+        "resume and the 1-vs-N-worker equivalence hold as without it.",
+    )
     eval_path: Optional[str] = Field(
         None,
         description="A held-out file (any format `path` accepts) whose loss is measured during training (see `eval`). "

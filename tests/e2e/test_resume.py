@@ -12,6 +12,9 @@ One uninterrupted DDP run is the reference; every other run must reproduce its l
   (adapter gathered from partitions, optimizer restored from per-rank shards) and finishes with the same adapter;
 - a NaN loss at step 3 with unlimited restarts allowed: fails once with a clear error, keeps the step-2 checkpoint.
 
+Every run here groups its batches by length (`data.group_by_length`): exact resume must hold for that plan too
+(test_interrupts.py and test_chaos.py resume runs without it).
+
 Measured: ZeRO-2 vs DDP 1e-7 (loss) and 7e-7 (adapter); a resume that does not restore the optimizer state moves
 step 6's loss by 5e-3 relative and the adapter by 1.3e-3 (ZeRO-2 with the shard left unloaded), far beyond them.
 Runs are tiny (2 layers, 6 steps, checkpoints every 2 steps) so the module stays around a few minutes.
@@ -25,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.cli import submit_small as submit
+from helpers.cli import submit_small
 from helpers.runs import adapter, losses, records
 
 # Runs join the session's Ray cluster rather than each starting one (tests/conftest.py).
@@ -34,6 +37,11 @@ pytestmark = pytest.mark.usefixtures("joined_ray")
 # Where Ray Train records the checkpoints it registered, in the run folder (ray 2.60); the tests delete it to stand
 # for a checkpoint that was uploaded but never registered.
 RAY_TRAIN_RECORD = "checkpoint_manager_snapshot.json"
+
+def submit(name: str, storage: Path, *overrides: str, faults=()):
+    """[`helpers.cli.submit_small`] with batches grouped by length."""
+    return submit_small(name, storage, "data.group_by_length=true", *overrides, faults=faults)
+
 
 STRATEGIES = {
     "ddp": (),

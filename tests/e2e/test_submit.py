@@ -99,7 +99,8 @@ def _curve(spec):
 
 def test_ddp_matches_single_worker_with_same_global_batch(tmp_path):
     """2 workers x 1 micro-batch of 4 and 1 worker x 2 accumulated micro-batches of 4 see the same global batches
-    and normalize by the same token count, so their loss curves agree up to float summation order."""
+    and normalize by the same token count, so their loss curves agree up to float summation order; with
+    `data.group_by_length` too (the plan's split over workers is the same either way: tests/unit/data)."""
     import ray
 
     from lorafleet.spec import load_spec
@@ -112,6 +113,7 @@ def test_ddp_matches_single_worker_with_same_global_batch(tmp_path):
         "model.dtype=float32",
         "kernels.enabled=false",
         "checkpoint.every_n_steps=6",
+        "data.group_by_length=true",
     ]
     try:
         two = _curve(load_spec(JOBS / "llama.yaml", common + ["name=ddp2", "scaling.num_workers=2", "training.grad_accum=1", f"checkpoint.storage={tmp_path}"]))

@@ -57,3 +57,35 @@ def test_packing_format_for_cpu_marks_a_repacked_weight():
         "(lorafleet.compat.bitsandbytes item 2, checked 0.50.2); the fused kernels' refusal of repacked weights "
         "no longer sees them"
     )
+
+
+IMPORT_UNCOMPILED = """
+import sys, torch
+import torch._dynamo  # transformers imports it before bitsandbytes in a worker; Inductor it does not
+from lorafleet.compat.bitsandbytes import import_uncompiled
+import_uncompiled()
+import os
+import bitsandbytes.functional as F
+weights = torch.randn(6, 33)  # an odd last dimension: the native CPU kernel refuses it, the torch fallback runs
+packed, state = F.quantize_4bit(weights, quant_type="nf4")
+error = (F.dequantize_4bit(packed, state) - weights).abs().max().item()
+print("bitsandbytes" in sys.modules, "torch._inductor.compile_fx" in sys.modules, "TORCHDYNAMO_DISABLE" in os.environ,
+      error < 0.5)
+"""
+
+
+def test_import_uncompiled_keeps_inductor_out_and_the_fallbacks_exact():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", IMPORT_UNCOMPILED], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported, inductor, env_left, close = result.stdout.split()
+    assert imported == "True"
+    # Neither the import nor a call of a fallback op (which would compile it) brought TorchInductor in.
+    assert inductor == "False", (
+        "bitsandbytes: imported with TORCHDYNAMO_DISABLE=1, it still imports TorchInductor (lorafleet.compat."
+        "bitsandbytes item 3, checked 0.50.2): the 1-2 s per process it saved is back"
+    )
+    assert env_left == "False"
+    assert close == "True"  # the eager fallback dequantizes what was quantized
