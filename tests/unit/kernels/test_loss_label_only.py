@@ -71,7 +71,9 @@ def assert_same(got, want):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     assert grads.keys() == ref_grads.keys()
     for k in ref_grads:
-        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")
+        # The head's matmul over fewer rows sums in another order: measured up to 1.7e-7 apart (rel 7e-5, on a
+        # near-zero element) on an AVX-512 BF16 CPU, where a CI run failed at atol 1e-7.
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("head", ["frozen", "lora"])
