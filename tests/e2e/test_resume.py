@@ -38,6 +38,7 @@ pytestmark = pytest.mark.usefixtures("joined_ray")
 # for a checkpoint that was uploaded but never registered.
 RAY_TRAIN_RECORD = "checkpoint_manager_snapshot.json"
 
+
 def submit(name: str, storage: Path, *overrides: str, faults=()):
     """[`helpers.cli.submit_small`] with batches grouped by length."""
     return submit_small(name, storage, "data.group_by_length=true", *overrides, faults=faults)
