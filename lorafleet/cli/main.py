@@ -1,6 +1,6 @@
 """The `lorafleet` command group and its console-script entry point.
 
-This module only assembles the group: each command lives with its kin (`jobs`: submit/validate/spec-doc,
+This module only assembles the group: each command lives with its kin (`jobs`: submit/validate/spec-doc, `sweep`,
 `adapters`: generate/eval/merge, `remote`: status/logs/list/stop/pull/report). stdout carries results (the `--json`
 line); progress and errors go to stderr. Exit codes: 0 success, 1 the run failed, 2 bad input (one line naming the
 field; nothing was started).
@@ -14,7 +14,7 @@ from typing import Optional
 import click
 
 from lorafleet import __version__
-from lorafleet.cli import adapters, jobs, remote
+from lorafleet.cli import adapters, jobs, remote, sweep
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,7 +23,7 @@ def cli() -> None:
     """Distributed LoRA/QLoRA fine-tuning on Ray."""
 
 
-for _command in (*jobs.COMMANDS, *adapters.COMMANDS, *remote.COMMANDS):
+for _command in (*jobs.COMMANDS, *sweep.COMMANDS, *adapters.COMMANDS, *remote.COMMANDS):
     cli.add_command(_command)
 
 

@@ -35,6 +35,8 @@ Private things touched:
    30 s (`ray._private.node.Node.__init__`, "timed out during startup"; not configurable), which happens on a loaded
    machine: [`node_start_timed_out`]. The processes of that failed start are the driver's children, and nothing in
    Ray stops them: [`stop_child_processes`]. Gone when the wait is configurable or the error has its own class.
+7. Ray Tune: `Tuner._local_tuner` (a `TunerInternal`) and its `get_run_config()`, to give a restored sweep the new
+   driver's callbacks: [`restored_run_config`].
 """
 
 from __future__ import annotations
@@ -189,3 +191,35 @@ def stop_child_processes(timeout: float = 10.0) -> int:
         except psutil.NoSuchProcess:
             pass
     return len(children)
+
+
+# Ray Tune (lorafleet.sweep): a trial reports only its evaluations (the metric) and a final summary, so results
+# without the metric are normal; Tune refuses them unless this documented switch (named in its own error) is on. Its
+# console output (tables, "View detailed results") would mix with lorafleet's lines: the older output engine is
+# silent at verbose=0.
+TUNE_ENV = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", "RAY_AIR_NEW_OUTPUT": "0"}
+
+
+def tune_env() -> dict[str, str]:
+    """The Ray Tune settings a sweep's driver runs with (see `TUNE_ENV`).
+
+    Example:
+
+    ```python
+    >>> tune_env()["TUNE_DISABLE_STRICT_METRIC_CHECKING"]
+    '1'
+    ```
+    """
+    return dict(TUNE_ENV)
+
+
+# Where Ray Tune logs a failed trial's whole traceback and the list of trials that did not complete, at ERROR: a sweep
+# says each trial's failure in one line of its own, so these are shown with `--verbose` only.
+TUNE_ERROR_LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.tune")
+
+
+def restored_run_config(tuner: Any) -> Any:
+    """The `RunConfig` of a `Tuner` made by `Tuner.restore` (item 7): `tuner._local_tuner.get_run_config()`.
+    `Tuner.restore` takes no callbacks, and a sweep's progress callback must be the new driver's, so it is set on
+    the restored run config before `fit()`. Gone when `Tuner.restore` accepts a run config or callbacks."""
+    return tuner._local_tuner.get_run_config()

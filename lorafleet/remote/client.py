@@ -167,27 +167,39 @@ class RemoteClient:
 
     def submit(self, spec: Any, submission_id: Optional[str] = None) -> str:
         """Ship `spec` (a validated [`~lorafleet.spec.JobSpec`]) and its data; return the job id."""
+        return self._submit(spec, lambda folder: stage_job(spec, folder), {}, submission_id)
+
+    def submit_sweep(self, sweep: Any, submission_id: Optional[str] = None) -> str:
+        """Ship a sweep (a checked [`~lorafleet.sweep.space.Sweep`]) and its job's data; return the job id. On the
+        cluster the entrypoint runs it with [`~lorafleet.sweep.runner.run_sweep`]."""
+        return self._submit(sweep.job, lambda folder: stage_sweep(sweep, folder), {"lorafleet_kind": "sweep"},
+                            submission_id, name=sweep.name)
+
+    def _submit(
+        self, spec: Any, stage: Callable[[Path], Path], metadata: dict[str, str], submission_id: Optional[str],
+        name: Optional[str] = None,
+    ) -> str:
         import logging
 
-
         # The SDK logs each package upload at INFO on stderr; the CLI already says what it submits.
-        for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        for logger_name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+            logging.getLogger(logger_name).setLevel(logging.WARNING)
+        name = name or spec.name
         staging = Path(tempfile.mkdtemp(prefix="lorafleet-submit-"))
         try:
-            stage_job(spec, staging)
-            job_id = submission_id or f"lorafleet-{spec.name}-{uuid.uuid4().hex[:8]}"
+            shipped = stage(staging)
+            job_id = submission_id or f"lorafleet-{name}-{uuid.uuid4().hex[:8]}"
             python = os.environ.get(PYTHON_ENV, "python")
             with _errors(self.address):
                 return self.client.submit_job(
-                    entrypoint=f"{python} -m lorafleet.remote.entrypoint spec.json",
+                    entrypoint=f"{python} -m lorafleet.remote.entrypoint {shipped.name}",
                     submission_id=job_id,
                     runtime_env={
                         "working_dir": str(staging),
                         # The Train runs view in the dashboard needs state tracking in the job's processes.
                         "env_vars": {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "LORAFLEET_JOB_ID": job_id, **train_env()},
                     },
-                    metadata={"lorafleet_job": spec.name, "lorafleet_steps": str(spec.training.steps)},
+                    metadata={"lorafleet_job": name, "lorafleet_steps": str(spec.training.steps), **metadata},
                 )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -359,6 +371,37 @@ def stage_job(spec: Any, folder: Path) -> Path:
     return path
 
 
+def stage_sweep(sweep: Any, folder: Path) -> Path:
+    """Write what a remote sweep needs into `folder`: `sweep.json` (its section and job) and the job's data.
+
+    Args:
+        sweep ([`~lorafleet.sweep.space.Sweep`]):
+            The checked sweep.
+        folder (`Path`):
+            An empty directory (the job's `working_dir`).
+
+    Returns:
+        `Path`: the written `sweep.json`.
+
+    Example:
+
+    ```python
+    >>> import json, tempfile
+    >>> from pathlib import Path
+    >>> from lorafleet.sweep.space import load_sweep
+    >>> shipped = stage_sweep(load_sweep("jobs/sweep.yaml"), Path(tempfile.mkdtemp()))
+    >>> shipped.name, json.loads(shipped.read_text())["job"]["data"]["path"]
+    ('sweep.json', 'data/tasks.jsonl')
+    ```
+    """
+    spec_json = stage_job(sweep.job, folder)
+    shipped = {**sweep.to_json(), "job": json.loads(spec_json.read_text())}
+    spec_json.unlink()
+    path = folder / "sweep.json"
+    path.write_text(json.dumps(shipped, indent=2))
+    return path
+
+
 def submit_remote(
     spec: Any,
     address: Optional[str] = None,
@@ -402,9 +445,61 @@ def submit_remote(
     """
     client = RemoteClient(address)
     job_id = client.submit(spec)
+    return _submitted(client, job_id, spec.name, wait, on_progress, on_line, on_submitted)
+
+
+def submit_remote_sweep(
+    sweep: Any,
+    address: Optional[str] = None,
+    wait: bool = False,
+    on_line: Optional[Callable[[str], None]] = None,
+    on_submitted: Optional[Callable[[str], None]] = None,
+) -> dict[str, Any]:
+    """Submit a sweep to a Ray cluster through the Jobs API (its trials run there on Ray Tune), optionally following it.
+
+    Args:
+        sweep ([`~lorafleet.sweep.space.Sweep`]):
+            The checked sweep; its job's data file is shipped with it.
+        address (`str`, *optional*):
+            The dashboard URL (`http://HEAD:8265`); defaults to `RAY_ADDRESS`.
+        wait (`bool`, *optional*, defaults to `False`):
+            Follow the sweep's logs until it ends.
+        on_line (`Callable[[str], None]`, *optional*):
+            With `wait`: called with each log line (the trials' progress lines among them).
+        on_submitted (`Callable[[str], None]`, *optional*):
+            Called with the job id once the cluster accepted the sweep.
+
+    Returns:
+        `dict`: `job_id`, `address`, `job`, `status`; with `wait`, also the sweep summary's fields (`best`, `trials`,
+        `metric`, ...; the sweep's own status as `sweep_status`).
+
+    Example:
+
+    ```python
+    >>> from lorafleet.sweep.space import load_sweep
+    >>> out = submit_remote_sweep(load_sweep("jobs/sweep.yaml"), "http://127.0.0.1:8265", wait=True)  # doctest: +SKIP
+    >>> out["status"], out["best"]["trial"]  # doctest: +SKIP
+    ('SUCCEEDED', 'trial-003')
+    ```
+    """
+    client = RemoteClient(address)
+    job_id = client.submit_sweep(sweep)
+    return _submitted(client, job_id, sweep.name, wait, None, on_line, on_submitted)
+
+
+def _submitted(
+    client: RemoteClient,
+    job_id: str,
+    name: str,
+    wait: bool,
+    on_progress: Optional[ProgressFn],
+    on_line: Optional[Callable[[str], None]],
+    on_submitted: Optional[Callable[[str], None]],
+) -> dict[str, Any]:
+    """After a submission: say so, and with `wait` follow the job and merge its summary line into the result."""
     if on_submitted is not None:
         on_submitted(job_id)
-    out: dict[str, Any] = {"job_id": job_id, "address": client.address, "job": spec.name, "status": "PENDING"}
+    out: dict[str, Any] = {"job_id": job_id, "address": client.address, "job": name, "status": "PENDING"}
     if not wait:
         return out
     final = client.follow(job_id, on_progress=on_progress, on_line=on_line)

@@ -19,6 +19,8 @@ from lorafleet.spec.schema import (
     load_spec,
     lorafleet_home,
     parse_override,
+    read_yaml,
+    read_yaml_file,
     spec_from_json,
 )
 
@@ -38,5 +40,7 @@ __all__ = [
     "load_spec",
     "lorafleet_home",
     "parse_override",
+    "read_yaml",
+    "read_yaml_file",
     "spec_from_json",
 ]

@@ -630,6 +630,65 @@ def _file_problems(raw: dict, invalid: list[Loc]) -> list[tuple[Loc, str]]:
     return problems
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but `1e-4` is a float as in YAML 1.2 (YAML 1.1 wants `1.0e-4`, and reads `1e-4` as a
+    string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML text the way every spec and sweep file is read.
+
+    Args:
+        text (`str`): The YAML text.
+
+    Returns:
+        `Any`: The parsed value.
+
+    Example:
+
+    ```python
+    >>> read_yaml("learning_rate: 1e-4")
+    {'learning_rate': 0.0001}
+    ```
+    """
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_yaml_file(file: Path, kind: str = "spec") -> Any:
+    """Read a spec (or sweep) file with [`read_yaml`]; a missing file or bad YAML is a one-line [`SpecError`].
+
+    Args:
+        file (`Path`): The file.
+        kind (`str`, *optional*, defaults to `"spec"`): What the file is, for the messages.
+
+    Returns:
+        `Any`: The parsed value.
+
+    Example:
+
+    ```python
+    >>> read_yaml_file(Path("jobs/llama.yaml"))["name"]
+    'llama-tasks'
+    ```
+    """
+    if not file.is_file():
+        raise SpecError(f"{file}: no such {kind} file")
+    try:
+        return read_yaml(file.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise SpecError(f"{file}: invalid YAML{where}: {problem}") from None
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """Parse one `--set key.path=value` item; the value is read as YAML (`5` is an int, `[a, b]` a list).
 
@@ -650,7 +709,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
         raise SpecError(f"--set {item}: expected key.path=value")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = read_yaml(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
     return key.strip().split("."), parsed
@@ -668,7 +727,12 @@ def _apply_override(raw: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_spec(path: Union[str, Path, None] = None, overrides: tuple[str, ...] | list[str] = (), raw: Optional[dict] = None) -> JobSpec:
+def load_spec(
+    path: Union[str, Path, None] = None,
+    overrides: tuple[str, ...] | list[str] = (),
+    raw: Optional[dict] = None,
+    base_dir: Union[str, Path, None] = None,
+) -> JobSpec:
     """Read, override and validate a job spec.
 
     Relative paths in the file are taken from the file's folder; relative paths given with `overrides` are taken
@@ -680,7 +744,10 @@ def load_spec(path: Union[str, Path, None] = None, overrides: tuple[str, ...] | 
         overrides (`list[str]`, *optional*, defaults to `()`):
             `key.path=value` items applied over the file, validated the same way.
         raw (`dict`, *optional*):
-            An already-parsed spec (e.g. built in a notebook); relative paths are taken from the working directory.
+            An already-parsed spec (e.g. built in a notebook); relative paths are taken from `base_dir`.
+        base_dir (`str` or `Path`, *optional*):
+            With `raw`: the folder its relative paths are taken from (the file `raw` was read from); default the
+            working directory.
 
     Returns:
         [`JobSpec`]: The validated spec.
@@ -701,21 +768,13 @@ def load_spec(path: Union[str, Path, None] = None, overrides: tuple[str, ...] | 
         if path is None:
             raise SpecError("no spec given")
         file = Path(path)
-        if not file.is_file():
-            raise SpecError(f"{file}: no such spec file")
-        try:
-            raw = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or "not valid YAML"
-            raise SpecError(f"{file}: invalid YAML{where}: {problem}") from None
+        raw = read_yaml_file(file)
         if not isinstance(raw, dict):
             raise SpecError(f"{file}: a job spec is a YAML mapping of sections (name, model, data, ...)")
         base = file.resolve().parent
     else:
         raw = copy.deepcopy(raw)
-        base = Path.cwd()
+        base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
     positions = _positions(raw)
     _resolve_paths(raw, base)
     problems: list[tuple[tuple[int, int], str]] = []

@@ -303,7 +303,7 @@ def preflight(prepared: Prepared, location: RunLocation, fresh: bool = False) ->
         )
 
 
-def start_ray(address: Optional[str] = None, verbose: bool = False) -> Optional[str]:
+def start_ray(address: Optional[str] = None, verbose: bool = False, dashboard: bool = False) -> Optional[str]:
     """Start a Ray instance for this job alone, or join the cluster at `address` (or `RAY_ADDRESS`).
 
     Without an address, `ray.init(address="local")`: a new instance, even when one started with `ray start` runs on
@@ -320,6 +320,10 @@ def start_ray(address: Optional[str] = None, verbose: bool = False) -> Optional[
             The cluster to join; default `RAY_ADDRESS`, else none.
         verbose (`bool`, *optional*, defaults to `False`):
             Forward Ray's and the workers' logs.
+        dashboard (`bool`, *optional*, defaults to `False`):
+            Give a new instance its dashboard (the State API), which Ray Train's placement-group cleaner needs to free
+            the workers' CPUs of a run whose controller was killed (a sweep's stopped trial). A run's own instance
+            goes without: it starts faster.
 
     Returns:
         `str` or `None`: The line printed on joining a cluster; `None` for a new instance, or when Ray was already
@@ -347,8 +351,8 @@ def start_ray(address: Optional[str] = None, verbose: bool = False) -> Optional[
     )
     settings: dict[str, str] = {}
     if target is None:
-        # Workers import lorafleet from the installed package; no dashboard for a run's own instance.
-        kwargs.update(address="local", include_dashboard=False)
+        # Workers import lorafleet from the installed package.
+        kwargs.update(address="local", include_dashboard=dashboard)
     else:
         kwargs["address"] = target
         settings = {} if in_submitted_job() else storage_env()

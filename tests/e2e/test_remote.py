@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers.cli import JOBS, one_line_error, run_cli
+from helpers.cli import JOBS, one_line_error, run_cli, sweep_args
 from helpers.ray_cluster import LocalRayCluster
 
 FAST = ["training.steps=4", "training.warmup=1", "kernels.enabled=false", "checkpoint.every_n_steps=4"]
@@ -160,3 +160,34 @@ def test_submit_without_wait_then_stop(cluster, finished):
             break
         time.sleep(2)
     assert info["status"] == "STOPPED"
+
+
+def test_a_sweep_runs_on_the_cluster_through_the_jobs_api(cluster, finished, tmp_path):
+    env = cluster.client_env()
+    args = sweep_args(
+        tmp_path, "name=remote-sweep", "training.steps=4", "checkpoint.every_n_steps=2", "training.warmup=1",
+        "sweep.params.training.learning_rate={grid: [0.003, 0.0003]}", "sweep.params.lora.r={choice: [8]}",
+        "sweep.num_samples=1", "sweep.scheduler=none",
+    )
+    # The local-only options are refused in one line before anything is submitted.
+    assert "--fresh" in one_line_error(run_cli(*args, "--address", cluster.address, "--fresh", env=env))
+
+    result = run_cli(*args, "--address", cluster.address, "--wait", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["job_id"].startswith("lorafleet-remote-sweep-") and out["status"] == "succeeded"
+    assert [t["status"] for t in out["trials"]] == ["succeeded", "succeeded"]
+    assert out["best"]["metric"] == min(t["metric"] for t in out["trials"])
+    # The trials' progress lines came from the job's log.
+    assert "[trial-000] started" in result.stderr and "[trial-001] succeeded" in result.stderr
+    assert Path(out["best"]["adapter_uri"]).parent == tmp_path / "remote-sweep" / out["best"]["trial"]
+
+    # The job commands work on a sweep's job id: status shows its summary, pull fetches the best adapter.
+    status = run_cli("status", out["job_id"], "--address", cluster.address, "--json", env=env)
+    info = json.loads(status.stdout)
+    assert info["status"] == "SUCCEEDED" and info["summary"]["best"] == out["best"]
+    listed = json.loads(run_cli("list", "--address", cluster.address, "--json", env=env).stdout)
+    assert any(row["job_id"] == out["job_id"] and row["job"] == "remote-sweep" for row in listed)
+    pulled = run_cli("pull", out["job_id"], str(tmp_path / "best"), "--address", cluster.address, "--json", env=env)
+    assert pulled.returncode == 0, pulled.stderr
+    assert (tmp_path / "best" / "adapter_model.safetensors").is_file()

@@ -118,3 +118,24 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
+
+
+# The small run as one worker (the global batch kept by accumulation), evaluated at every checkpoint.
+SWEEP_TRIAL = [o for o in SMALL_RUN if not o.startswith(("training.steps", "checkpoint.every", "checkpoint.keep"))] + [
+    "scaling.num_workers=1",
+    "training.grad_accum=2",
+    "data.group_by_length=false",
+    "eval.max_samples=16",
+    "checkpoint.keep=1",
+]
+
+
+def sweep_args(storage: Path, *extra: str) -> list[str]:
+    """`lorafleet sweep jobs/sweep.yaml --json` arguments: trials of [`SWEEP_TRIAL`] stored in `storage`, with `extra`
+    overrides (job fields or `sweep.*`)."""
+    return [
+        "sweep", str(JOBS / "sweep.yaml"), "--json",
+        *(a for o in SWEEP_TRIAL for a in ("--set", o)),
+        "--set", f"checkpoint.storage={storage}",
+        *(a for o in extra for a in ("--set", o)),
+    ]

@@ -41,12 +41,15 @@ class KillRankOnce:
 @dataclass
 class NanLossAt:
     """Step `step`'s loss is NaN: before it, every worker sets its trainable (LoRA) parameters to NaN, as a diverged
-    run would have. Needs whole parameters on every worker (DDP, ZeRO-1/2; ZeRO-3 partitions them)."""
+    run would have. Needs whole parameters on every worker (DDP, ZeRO-1/2; ZeRO-3 partitions them). With
+    `learning_rate`, only in a run of that peak learning rate (one trial of a sweep)."""
 
     step: int
+    learning_rate: float | None = None
 
     def __call__(self, event: StepEvent) -> None:
-        if event.step == self.step:
+        peak = event.strategy.optimizer.param_groups[0].get("initial_lr")
+        if event.step == self.step and (self.learning_rate is None or peak == self.learning_rate):
             with torch.no_grad():
                 for param in event.strategy.params:
                     param.fill_(float("nan"))
@@ -90,6 +93,7 @@ def from_options(argv: list[str]) -> list[StepHook]:
     parser.add_argument("--kill-rank", type=int, default=1, help="the worker --kill-at kills (default 1)")
     parser.add_argument("--kill-once-file", help="created at the kill; the fault does not recur while it exists")
     parser.add_argument("--nan-at", type=int, help="this step's loss is NaN")
+    parser.add_argument("--nan-lr", type=float, help="--nan-at only in runs of this peak learning rate")
     parser.add_argument("--stop-after", type=int, help="end the run cleanly after this step's checkpoint")
     parser.add_argument("--garble-at", type=int, help="the LoRA weights turn to noise before this step")
     options = parser.parse_args(argv)
@@ -99,7 +103,7 @@ def from_options(argv: list[str]) -> list[StepHook]:
             parser.error("--kill-at needs --kill-once-file (a restarted worker would be killed again)")
         hooks.append(KillRankOnce(options.kill_at, options.kill_once_file, options.kill_rank))
     if options.nan_at is not None:
-        hooks.append(NanLossAt(options.nan_at))
+        hooks.append(NanLossAt(options.nan_at, options.nan_lr))
     if options.stop_after is not None:
         hooks.append(StopAfter(options.stop_after))
     if options.garble_at is not None:

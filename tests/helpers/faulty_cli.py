@@ -1,7 +1,7 @@
 """`lorafleet ARGS` with faults injected into the run's workers (see `helpers.faults`):
 
     python tests/helpers/faulty_cli.py [--kill-at K --kill-once-file PATH [--kill-rank R]] [--nan-at K]
-        [--stop-after K] -- submit jobs/llama.yaml ...
+        [--stop-after K] -- submit jobs/llama.yaml ...   (or: -- sweep jobs/sweep.yaml ...)
 
 It passes the faults to [`~lorafleet.train.driver.run_job`] as `step_hooks` and runs the CLI as `lorafleet` does.
 """
@@ -18,6 +18,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 import ray.cloudpickle
 
 import lorafleet.cli.jobs
+import lorafleet.sweep.runner
 import lorafleet.train.driver
 from helpers import faults
 from lorafleet.cli.main import main
@@ -30,6 +31,8 @@ def install(hooks: list) -> None:
     lorafleet.train.driver.run_job = patched
     if getattr(lorafleet.cli.jobs, "run_job", None) is original:  # imported by name at the top of cli/jobs.py
         lorafleet.cli.jobs.run_job = patched
+    # A sweep's trials run in Ray Tune's processes: the hooks travel with the sweep.
+    lorafleet.sweep.runner.run_sweep = functools.partial(lorafleet.sweep.runner.run_sweep, step_hooks=tuple(hooks))
 
 
 if __name__ == "__main__":

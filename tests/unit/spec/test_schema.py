@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from lorafleet.spec import JobSpec, SpecError, load_spec, parse_override
+from lorafleet.sweep.space import load_sweep
 
 from helpers.cli import JOBS
 
@@ -117,6 +118,16 @@ def test_override_parsing():
         load_spec(JOBS / "llama.yaml", ["training.steps.x=1"])
 
 
+def test_exponent_numbers_are_floats_in_files_and_overrides(tmp_path):
+    # YAML 1.1 (PyYAML's default) reads `1e-4` as a string; specs read it as the number users mean.
+    assert parse_override("training.learning_rate=1e-4") == (["training", "learning_rate"], 1e-4)
+    assert parse_override("x=[1e-7, 2.5E+3, 3]")[1] == [1e-7, 2500.0, 3]
+    assert parse_override("name=run-1e5")[1] == "run-1e5"
+    job = tmp_path / "job.yaml"
+    job.write_text((JOBS / "llama.yaml").read_text().replace("learning_rate:", "learning_rate: 3e-4 #", 1))
+    assert load_spec(job, [f"data.path={JOBS / 'data' / 'tasks.jsonl'}"]).training.learning_rate == 3e-4
+
+
 def test_alora_section():
     spec = load_spec(JOBS / "llama.yaml", ["alora.invocation_string=<|reserved_0|>judge<|reserved_1|>"])
     assert spec.alora.invocation_string.startswith("<|reserved_0|>")
@@ -164,7 +175,8 @@ def test_every_shipped_job_validates():
     paths = sorted(JOBS.glob("*.yaml"))
     assert {"llama.yaml", "alora.yaml"} <= {p.name for p in paths}
     for path in paths:
-        spec = load_spec(path)
+        # A sweep file is a job spec plus a `sweep:` section, read by lorafleet.sweep (tests/unit/sweep).
+        spec = load_sweep(path).job if "sweep" in yaml.safe_load(path.read_text()) else load_spec(path)
         assert spec.name == yaml.safe_load(path.read_text())["name"], path
         # Relative data paths resolve against the job file, so every shipped job runs from any directory.
         assert Path(spec.data.path).is_file(), (path, spec.data.path)
