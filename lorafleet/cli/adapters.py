@@ -36,11 +36,11 @@ def _fetch(option: str, adapter_uri: str, endpoint):
         fail(f"{option}: cannot load {adapter_uri}: {_first_line(exc).removeprefix(f'{adapter_uri}: ')}")
 
 
-def _load(option: str, adapter_uri: str, directory):
+def _load(option: str, adapter_uri: str, directory, as_trained: bool = False):
     from lorafleet.infer.generate import load_adapter
 
     try:
-        return load_adapter(str(directory))
+        return load_adapter(str(directory), as_trained=as_trained)
     except (FileNotFoundError, OSError, ValueError, KeyError) as exc:
         fail(f"{option}: cannot load {adapter_uri}: {_first_line(exc)}")
 
@@ -184,11 +184,14 @@ def _data_problem(problem: str, data_path: str) -> str:
 @click.option("--predictions", "predictions_path", type=click.Path(dir_okay=False), default=None, metavar="OUT.jsonl",
               help="Write one JSON object per evaluated record, in input order: its fields plus `prediction`.")
 @click.option("--base-only", is_flag=True, help="Evaluate the base model alone (adapter disabled), same prompts.")
+@click.option("--unquantized", is_flag=True,
+              help="Load the base in full precision. Default: as the job trained on it (its model.dtype and 4-bit "
+              "quantization, recorded with the adapter), so the loss matches the run's held-out evaluation.")
 @click.option("--endpoint", default=None, help="Object-store endpoint URL (S3-compatible servers).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line: loss, exact_match, contains, samples.")
 @verbose_option
 def evaluate(adapter_uri: str, data_path: str, fmt, max_samples, max_new_tokens: int, predictions_path, base_only: bool,
-             endpoint, as_json: bool, verbose: bool) -> None:
+             unquantized: bool, endpoint, as_json: bool, verbose: bool) -> None:
     """Loss and generation metrics of an adapter (or of its base model alone) on a file of records.
 
     The loss is the token-mean cross-entropy of the trained tokens, as training and its held-out evaluation compute
@@ -221,7 +224,7 @@ def evaluate(adapter_uri: str, data_path: str, fmt, max_samples, max_new_tokens:
         fail(*(_data_problem(p, data_path) for p in exc.problems))
     if predictions_path is not None and not Path(predictions_path).resolve().parent.is_dir():
         fail(f"--predictions: no such directory: {Path(predictions_path).parent}")
-    model, tokenizer = _load("ADAPTER", adapter_uri, directory)
+    model, tokenizer = _load("ADAPTER", adapter_uri, directory, as_trained=not unquantized)
     invocation = invocation_of(model)
     try:
         samples = prepare_samples(spec, tokenizer, records, invocation=Invocation(invocation) if invocation else None)
@@ -240,7 +243,7 @@ def evaluate(adapter_uri: str, data_path: str, fmt, max_samples, max_new_tokens:
                "contains": scores.metrics.get("contains"), "samples": len(records),
                "loss_samples": result.samples, "generated": scores.samples,
                "empty_predictions": sum(1 for p in scores.predictions if p is not None and not p.strip()),
-               "base_only": base_only}
+               "base_only": base_only, "unquantized": unquantized}
     if as_json:
         click.echo(json.dumps(summary))
         return

@@ -21,10 +21,11 @@ import torch
 
 from lorafleet.compat.transformers import cache_argument
 from lorafleet.data.alora import find_invocation
-from lorafleet.model.build import load_tokenizer_for
+from lorafleet.model.build import load_base, load_tokenizer_for
 from lorafleet.model.device import torch_dtype
 from lorafleet.runstore.checkpoint import ADAPTER_FILES, INFO_FILE, check_adapter, read_info
 from lorafleet.runstore.location import fetch_files, split_uri
+from lorafleet.spec import QuantizationSpec
 
 
 def fetch_adapter(uri: str, endpoint: Optional[str] = None) -> Path:
@@ -87,17 +88,27 @@ def adapter_config(uri: str, endpoint: Optional[str] = None) -> dict[str, Any]:
     return json.loads((fetch_adapter(uri, endpoint) / "adapter_config.json").read_text())
 
 
-def load_adapter(uri: str, device: Union[str, torch.device] = "cpu", dtype: str = "auto", endpoint: Optional[str] = None):
+def load_adapter(
+    uri: str,
+    device: Union[str, torch.device] = "cpu",
+    dtype: str = "auto",
+    endpoint: Optional[str] = None,
+    as_trained: bool = False,
+):
     """Load a trained adapter on its base model with plain `PeftModel.from_pretrained`, in eval mode.
 
     The base model is the adapter's `base_model_name_or_path` (for `model.architecture` jobs, the materialized
-    model directory), loaded unquantized.
+    model directory), loaded unquantized, or with `as_trained` as its job loaded it.
 
     Args:
         uri (`str`): Adapter directory or storage URI ([`fetch_adapter`]).
         device (`str` or `torch.device`, *optional*, defaults to `"cpu"`): Where to load.
         dtype (`str`, *optional*, defaults to `"auto"`): `auto` (bfloat16 where native, else float32), `float32`, ...
         endpoint (`str`, *optional*): Object-store endpoint.
+        as_trained (`bool`, *optional*, defaults to `False`):
+            Load the base with the job's `model.dtype` and `quantization` (4-bit NF4, ...) recorded in the
+            checkpoint's `lorafleet.json`, so that losses match the run's held-out evaluation; `dtype` is then
+            ignored. An adapter that records none (plain PEFT, earlier lorafleet) loads unquantized.
 
     Returns:
         `tuple`: (`peft.PeftModel`, tokenizer).
@@ -116,7 +127,12 @@ def load_adapter(uri: str, device: Union[str, torch.device] = "cpu", dtype: str 
 
     directory = fetch_adapter(uri, endpoint)
     base = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype(dtype, device)).to(device)
+    trained = read_info(directory).get("base") if as_trained else None
+    if isinstance(trained, dict) and trained.get("quantization"):
+        model = load_base(base, trained["dtype"], QuantizationSpec(**trained["quantization"]), device)
+        model.config.use_cache = True  # load_base turns the cache off for training
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype(dtype, device)).to(device)
     peft_model = PeftModel.from_pretrained(model, str(directory)).eval()
     return peft_model, load_tokenizer_for(base)
 

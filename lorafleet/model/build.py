@@ -24,7 +24,7 @@ from lorafleet.data.tokenizer import load_tokenizer
 from lorafleet.kernels import KernelPlan, apply_kernels
 from lorafleet.model.device import torch_dtype
 from lorafleet.model.families import family_config
-from lorafleet.spec import JobSpec, ModelSpec, lorafleet_home
+from lorafleet.spec import JobSpec, ModelSpec, QuantizationSpec, lorafleet_home
 
 logger = logging.getLogger(__name__)
 
@@ -147,14 +147,19 @@ def load_tokenizer_for(base: str, trust_remote_code: bool = False):
 
 def quantization_config(spec: JobSpec, device: torch.device | str = "cpu"):
     """A `BitsAndBytesConfig` for the spec's quantization section, or `None` for `type: none`."""
-    quant = spec.quantization
+    zero3 = spec.scaling.strategy == "deepspeed" and spec.scaling.zero_stage == 3
+    return bnb_config(spec.quantization, spec.model.dtype, device, zero3=zero3)
+
+
+def bnb_config(quant: QuantizationSpec, model_dtype: str, device: torch.device | str = "cpu", zero3: bool = False):
+    """A `BitsAndBytesConfig` for a `quantization` section and the model's dtype (`model.dtype`), or `None` for
+    `type: none`; `zero3` stores the 4-bit weights in the compute dtype, as DeepSpeed ZeRO-3 needs."""
     if quant.type == "none":
         return None
     from transformers import BitsAndBytesConfig
 
-    compute_name = quant.compute_dtype if quant.compute_dtype != "auto" else spec.model.dtype
+    compute_name = quant.compute_dtype if quant.compute_dtype != "auto" else model_dtype
     compute = torch_dtype(compute_name, device)
-    zero3 = spec.scaling.strategy == "deepspeed" and spec.scaling.zero_stage == 3
     storage = torch_dtype(quant.storage_dtype) if quant.storage_dtype else (compute if zero3 else None)
     kwargs: dict[str, Any] = dict(
         load_in_4bit=True,
@@ -200,6 +205,43 @@ def load_base_model(spec: JobSpec, base: str, device: torch.device | str = "cpu"
     'eager_attention_forward'
     ```
     """
+    zero3 = spec.scaling.strategy == "deepspeed" and spec.scaling.zero_stage == 3
+    return load_base(base, spec.model.dtype, spec.quantization, device, zero3=zero3,
+                     trust_remote_code=spec.model.trust_remote_code)
+
+
+def load_base(
+    base: str,
+    model_dtype: str,
+    quantization: QuantizationSpec,
+    device: torch.device | str = "cpu",
+    zero3: bool = False,
+    trust_remote_code: bool = False,
+):
+    """Load a base model as a job with these `model.dtype` and `quantization` settings loads it
+    ([`load_base_model`]), e.g. to evaluate an adapter on the base it was trained on.
+
+    Args:
+        base (`str`): The base model's directory or hub id.
+        model_dtype (`str`): `model.dtype` (`auto`, `float32`, `bfloat16`, ...).
+        quantization ([`~lorafleet.spec.QuantizationSpec`]): The `quantization` section.
+        device (`torch.device` or `str`, *optional*, defaults to `"cpu"`): Where to load.
+        zero3 (`bool`, *optional*, defaults to `False`): Store 4-bit weights as DeepSpeed ZeRO-3 needs.
+        trust_remote_code (`bool`, *optional*, defaults to `False`): `model.trust_remote_code`.
+
+    Returns:
+        `transformers.PreTrainedModel`: The model, in eval mode, without KV cache.
+
+    Example:
+
+    ```python
+    >>> from lorafleet.spec import QuantizationSpec, load_spec
+    >>> base = resolve_base_model(load_spec("jobs/llama.yaml"))
+    >>> model = load_base(base, "float32", QuantizationSpec(type="nf4", compute_dtype="float32"))
+    >>> type(model.model.layers[0].mlp.up_proj).__name__
+    'Linear4bit'
+    ```
+    """
     from transformers import AutoModelForCausalLM
 
     import_uncompiled()
@@ -208,11 +250,12 @@ def load_base_model(spec: JobSpec, base: str, device: torch.device | str = "cpu"
     def load(attention: str):
         return AutoModelForCausalLM.from_pretrained(
             base,
-            quantization_config=quantization_config(spec, device),  # fresh each time: from_pretrained may edit it
-            dtype=torch_dtype(spec.model.dtype, device),
+            # Fresh each time: from_pretrained may edit it.
+            quantization_config=bnb_config(quantization, model_dtype, device, zero3=zero3),
+            dtype=torch_dtype(model_dtype, device),
             device_map={"": device.index if device.type == "cuda" and device.index is not None else device.type},
             attn_implementation=attention,
-            trust_remote_code=spec.model.trust_remote_code,
+            trust_remote_code=trust_remote_code,
         )
 
     try:

@@ -265,6 +265,8 @@ def save_and_report(
                 # `data`: what a re-submit compares its data with before resuming (lorafleet.train.driver.preflight)
                 info={"job": spec.name, "loss": metrics["loss"], "data": data_source or {},
                       "template": spec.data.model_dump(include={"format", "max_length", "train_on_inputs"}),
+                      # How the base was loaded, so that `lorafleet eval` scores the adapter on the same weights.
+                      "base": {"dtype": spec.model.dtype, "quantization": spec.quantization.model_dump(mode="json")},
                       **(extra_info or {})},
                 rng_states=rng_states,
                 **state,

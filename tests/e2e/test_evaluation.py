@@ -114,6 +114,20 @@ def test_evaluation_leaves_training_bitwise_unchanged(runs):
     assert all("eval_loss" not in r for r in without)
 
 
+def test_lorafleet_eval_scores_the_adapter_on_the_base_as_trained(runs):
+    # The run's held-out loss, recomputed by `lorafleet eval` on the 4-bit base the run trained on.
+    _, held_out, (_, summary), _, _ = runs
+    args = ["eval", summary["adapter_uri"], "--data", str(held_out), "--max-samples", "25", "--max-new-tokens", "1",
+            "--json"]
+    as_trained = run_cli(*args, timeout=300)
+    assert as_trained.returncode == 0, as_trained.stderr[-2000:]
+    out = json.loads(as_trained.stdout.strip().splitlines()[-1])
+    assert out["loss_samples"] == 25 and out["loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
+    # Full precision is another model: its loss differs beyond the tolerance above.
+    unquantized = json.loads(run_cli(*args, "--unquantized", timeout=300).stdout.strip().splitlines()[-1])
+    assert unquantized["loss"] != pytest.approx(summary["eval_loss"], rel=1e-4)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])
 def test_two_worker_eval_loss_is_the_single_process_one_and_plain_peft(runs, strategy):
     storage, held_out, ddp, _, zero3 = runs
