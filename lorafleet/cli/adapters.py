@@ -76,6 +76,13 @@ def _prompt_shape(fmt, raw, instruction, input_text, messages, system) -> str:
     return shape
 
 
+unquantized_option = click.option(
+    "--unquantized", is_flag=True,
+    help="Load the base model in full precision. Default: as the adapter's job trained on it (its model.dtype and "
+    "4-bit quantization, recorded with the adapter), so losses and answers are those of the run's evaluation.",
+)
+
+
 @click.command()
 @click.option("--adapter", "adapter_uri", required=True, metavar="URI",
               help="Adapter directory or storage URI (what `lorafleet submit` printed as `adapter:`).")
@@ -90,10 +97,11 @@ def _prompt_shape(fmt, raw, instruction, input_text, messages, system) -> str:
               "text-format jobs. `--prompt` is the same option.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--endpoint", default=None, help="Object-store endpoint URL (S3-compatible servers).")
+@unquantized_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line: text, tokens, invocation_appended.")
 @verbose_option
 def generate(adapter_uri: str, instruction, input_text, messages, system, raw, max_new_tokens: int, endpoint,
-             as_json: bool, verbose: bool) -> None:
+             unquantized: bool, as_json: bool, verbose: bool) -> None:
     """Greedy generation with a trained LoRA or aLoRA adapter on its base model.
 
     The prompt is rendered with the template of the job that trained the adapter (its checkpoint records the data
@@ -108,7 +116,7 @@ def generate(adapter_uri: str, instruction, input_text, messages, system, raw, m
     directory = _fetch("--adapter", adapter_uri, endpoint)
     fmt = saved_template(directory).get("format")
     shape = _prompt_shape(fmt, raw, instruction, input_text, messages, system)
-    model, tokenizer = _load("--adapter", adapter_uri, directory)
+    model, tokenizer = _load("--adapter", adapter_uri, directory, as_trained=not unquantized)
     invocation = invocation_of(model)
     if shape == "text":
         if fmt in ("instruction", "chat"):
@@ -184,9 +192,7 @@ def _data_problem(problem: str, data_path: str) -> str:
 @click.option("--predictions", "predictions_path", type=click.Path(dir_okay=False), default=None, metavar="OUT.jsonl",
               help="Write one JSON object per evaluated record, in input order: its fields plus `prediction`.")
 @click.option("--base-only", is_flag=True, help="Evaluate the base model alone (adapter disabled), same prompts.")
-@click.option("--unquantized", is_flag=True,
-              help="Load the base in full precision. Default: as the job trained on it (its model.dtype and 4-bit "
-              "quantization, recorded with the adapter), so the loss matches the run's held-out evaluation.")
+@unquantized_option
 @click.option("--endpoint", default=None, help="Object-store endpoint URL (S3-compatible servers).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line: loss, exact_match, contains, samples.")
 @verbose_option
