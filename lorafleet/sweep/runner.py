@@ -80,9 +80,20 @@ class SweepSummary:
                    best=raw.get("best"), trials=trials)
 
 
-def _trial_name(trial: Any) -> str:
-    """`trial-NNN` from a Tune trial's id (`<experiment>_<index>`): stable across a restore."""
-    return f"trial-{int(str(trial.trial_id).rsplit('_', 1)[-1]):03d}"
+class _TrialNames:
+    """Names a trial `trial-NNN` (its folder and its name in Tune) by the number its search algorithm gave it, the
+    first part of its `experiment_tag`: counted from 0 by Tune's variant generator, from 1 by a search algorithm
+    (Optuna). The count is saved with the experiment, so a restored sweep names its new trials after the earlier ones.
+
+    Args:
+        first (`int`): The number the search algorithm gives its first trial.
+    """
+
+    def __init__(self, first: int) -> None:
+        self.first = first
+
+    def __call__(self, trial: Any) -> str:
+        return f"trial-{int(str(trial.experiment_tag).split('_', 1)[0]) - self.first:03d}"
 
 
 def _run_trial(config: dict[str, Any], sweep_json: str, step_hooks: tuple = ()) -> None:
@@ -185,7 +196,7 @@ class _Progress(Callback):
         self.states: dict[str, str] = {}
 
     def _name(self, trial: Any) -> str:
-        name = _trial_name(trial)
+        name = str(trial)  # its custom name, from _TrialNames
         self.params.setdefault(name, copy_params(trial.config))
         return name
 
@@ -342,6 +353,7 @@ def run_sweep(
         _set_callbacks(tuner, [progress])
     else:
         location.write(SWEEP_FILE, json.dumps(_identity(sweep), indent=1).encode())
+        names = _TrialNames(first=1 if sweep.section.search == "optuna" else 0)
         tuner = tune.Tuner(
             trainable,
             param_space={path: space.to_tune() for path, space in sweep.spaces.items()},
@@ -349,8 +361,8 @@ def run_sweep(
                 num_samples=sweep.section.num_samples,
                 scheduler=_scheduler(sweep),
                 search_alg=_search(sweep, sweep.section.max_concurrent_trials or default_concurrency(sweep)),
-                trial_dirname_creator=_trial_name,
-                trial_name_creator=_trial_name,
+                trial_dirname_creator=names,
+                trial_name_creator=names,
                 reuse_actors=False,
             ),
             run_config=tune.RunConfig(
@@ -396,6 +408,8 @@ def _search(sweep: Sweep, concurrency: int) -> Any:
         import optuna
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "new study created" line, on every sweep
 
         searcher = OptunaSearch(
             metric=sweep.section.metric, mode=sweep.mode, sampler=optuna.samplers.TPESampler(seed=seed)

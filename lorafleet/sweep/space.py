@@ -137,7 +137,9 @@ class SweepSection(BaseModel):
         3, gt=1, description="ASHA: each rung keeps the best 1/reduction_factor of the trials that reached it."
     )
     search: Literal["random", "optuna"] = Field(
-        "random", description="How values are chosen: random sampling, or Optuna's TPE (needs `optuna` installed)."
+        "random",
+        description="How values are chosen: random sampling, or Optuna's TPE (needs `optuna`: "
+        "`pip install lorafleet[sweep]`).",
     )
     seed: Optional[int] = Field(None, description="Seed of the random search; default `training.seed`.")
 

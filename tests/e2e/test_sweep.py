@@ -135,3 +135,23 @@ def test_an_interrupted_sweep_continues_where_it_stopped(tmp_path):
     assert resumed_steps and min(resumed_steps) >= 6, again.stderr
     final = json.loads(again.stdout.strip().splitlines()[-1])
     assert [(t["status"], t["steps"]) for t in final["trials"]] == [("succeeded", 12), ("succeeded", 12)]
+
+
+def test_optuna_search_proposes_the_trials(tmp_path):
+    args = sweep_args(
+        tmp_path, "name=optuna-sweep", "training.steps=4", "checkpoint.every_n_steps=2", "training.warmup=1",
+        "sweep.params.training.learning_rate={loguniform: [0.0001, 0.01]}", "sweep.params.lora.r={choice: [4, 8]}",
+        "sweep.num_samples=3", "sweep.search=optuna", "sweep.grace_period=2", "sweep.max_concurrent_trials=2",
+    )
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    trials = {t["trial"]: t for t in summary["trials"]}
+    assert sorted(trials) == ["trial-000", "trial-001", "trial-002"]
+    for trial in trials.values():
+        assert 1e-4 <= trial["params"]["training.learning_rate"] <= 1e-2 and trial["params"]["lora.r"] in (4, 8)
+        assert trial["status"] in ("succeeded", "stopped") and trial["metric"] is not None
+    # Three distinct proposals from Optuna, within the spaces.
+    assert len({t["params"]["training.learning_rate"] for t in trials.values()}) == 3
+    assert summary["best"]["metric"] == min(t["metric"] for t in trials.values())
+    assert "study created" not in result.stderr
