@@ -41,7 +41,7 @@ from lorafleet.model.build import load_tokenizer_for, resolve_base_model
 from lorafleet.runstore.checkpoint import INFO_FILE, expected_files
 from lorafleet.runstore.lease import RunLease
 from lorafleet.runstore.location import RunLocation, folder_name, storage_env
-from lorafleet.runstore.monitoring import eval_summary, run_records, write_run_artifacts
+from lorafleet.runstore.monitoring import eval_summary, read_metrics, run_records, write_run_artifacts
 from lorafleet.runstore.storage import UPLOAD_RETRY_S
 from lorafleet.spec import JobSpec, SpecError
 from lorafleet.train.timings import PhaseClock
@@ -812,6 +812,13 @@ def _train(
             summary.already_complete = True
             summary.steps = summary.start_step = int(event["step"])
             summary.stopped_early = bool(event.get("stopped_early"))
+            # The evaluations of the finished run, from its metrics.jsonl (a sweep ranks a re-run trial by them).
+            try:
+                records = read_metrics(location)
+            except (OSError, ValueError):
+                records = []
+            for name, value in eval_summary(records).items():
+                setattr(summary, name, value)
     if history:
         summary.stopped_early = bool(history[-1].get("stopped_early"))
         write_run_artifacts(location, history)  # metrics.jsonl + loss.png next to the checkpoints; never raises

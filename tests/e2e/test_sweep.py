@@ -100,7 +100,9 @@ def test_rerunning_a_finished_sweep_runs_nothing_again(lr_sweep):
 
 def test_an_interrupted_sweep_continues_where_it_stopped(tmp_path):
     args = sweep_args(
-        tmp_path, "name=resumed-sweep", "training.steps=12", "checkpoint.every_n_steps=2", "training.warmup=1",
+        # Enough steps after the interruption that the second trial is still training when Tune stops it (its run
+        # goes on while Tune saves the experiment).
+        tmp_path, "name=resumed-sweep", "training.steps=40", "checkpoint.every_n_steps=4", "training.warmup=1",
         "sweep.params.training.learning_rate={grid: [0.003, 0.002]}", "sweep.params.lora.r={choice: [8]}",
         "sweep.num_samples=1", "sweep.scheduler=none", "sweep.max_concurrent_trials=1",
     )
@@ -113,7 +115,7 @@ def test_an_interrupted_sweep_continues_where_it_stopped(tmp_path):
     for line in process.stderr:
         lines.append(line)
         # The second trial two checkpoints in (an evaluation is reported before its checkpoint is complete).
-        if "[trial-001] step 6/12" in line or time.monotonic() > deadline:
+        if "[trial-001] step 8/40" in line or time.monotonic() > deadline:
             break
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
@@ -129,12 +131,13 @@ def test_an_interrupted_sweep_continues_where_it_stopped(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "[trial-000] started" not in again.stderr
     assert "[trial-001] started" in again.stderr
-    # Resumed from a checkpoint (step 4 or 6): started over, its first evaluation would be step 2's.
+    # Resumed from a checkpoint (step 4 or later): started over, its first evaluation would be step 4's.
     resumed_steps = [int(line.split(" step ")[1].split("/")[0]) for line in again.stderr.splitlines()
                      if "[trial-001] step " in line]
-    assert resumed_steps and min(resumed_steps) >= 6, again.stderr
+    assert resumed_steps and min(resumed_steps) >= 8, again.stderr
     final = json.loads(again.stdout.strip().splitlines()[-1])
-    assert [(t["status"], t["steps"]) for t in final["trials"]] == [("succeeded", 12), ("succeeded", 12)]
+    assert [(t["status"], t["steps"]) for t in final["trials"]] == [("succeeded", 40), ("succeeded", 40)]
+    assert all(t["metric"] is not None for t in final["trials"])
 
 
 def test_optuna_search_proposes_the_trials(tmp_path):
