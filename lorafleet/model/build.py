@@ -145,12 +145,6 @@ def load_tokenizer_for(base: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def quantization_config(spec: JobSpec, device: torch.device | str = "cpu"):
-    """A `BitsAndBytesConfig` for the spec's quantization section, or `None` for `type: none`."""
-    zero3 = spec.scaling.strategy == "deepspeed" and spec.scaling.zero_stage == 3
-    return bnb_config(spec.quantization, spec.model.dtype, device, zero3=zero3)
-
-
 def bnb_config(quant: QuantizationSpec, model_dtype: str, device: torch.device | str = "cpu", zero3: bool = False):
     """A `BitsAndBytesConfig` for a `quantization` section and the model's dtype (`model.dtype`), or `None` for
     `type: none`; `zero3` stores the 4-bit weights in the compute dtype, as DeepSpeed ZeRO-3 needs."""

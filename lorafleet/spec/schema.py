@@ -715,7 +715,21 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parsed
 
 
-def _apply_override(raw: dict, path: list[str], value: Any) -> None:
+def apply_override(raw: dict, path: list[str], value: Any) -> None:
+    """Set `value` at the key `path` of a raw (parsed, not yet validated) spec, creating the sections on the way.
+
+    Raises:
+        [`SpecError`]: A key on the way holds a value, not a section.
+
+    Example:
+
+    ```python
+    >>> raw = {"lora": {"r": 8}}
+    >>> apply_override(raw, ["eval", "generate", "num_samples"], 4)
+    >>> raw
+    {'lora': {'r': 8}, 'eval': {'generate': {'num_samples': 4}}}
+    ```
+    """
     node = raw
     for i, part in enumerate(path[:-1]):
         child = node.get(part)
@@ -783,9 +797,9 @@ def load_spec(
         try:
             keys, value = parse_override(item)
             single: dict = {}
-            _apply_override(single, keys, value)
+            apply_override(single, keys, value)
             _resolve_paths(single, Path.cwd())
-            _apply_override(raw, keys, _get(single, keys))
+            apply_override(raw, keys, _get(single, keys))
         except SpecError as exc:
             problems += [((1, index), problem) for problem in exc.problems]
             applied.append(None)

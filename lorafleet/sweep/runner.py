@@ -131,9 +131,8 @@ def _run_trial(config: dict[str, Any], sweep_json: str, step_hooks: tuple = ()) 
     if summary.status != "succeeded":
         raise RuntimeError(summary.error or summary.status)
     final = {"step": summary.steps, STATUS_KEY: summary.status, "adapter_uri": summary.adapter_uri}
-    value = summary.best_eval_loss if metric == "eval_loss" else getattr(summary, metric, None)
-    if metric == "loss":
-        value = summary.final_loss
+    # The run summary's field for each metric: a held-out loss by its best evaluation, the training loss by its last.
+    value = getattr(summary, {"eval_loss": "best_eval_loss", "loss": "final_loss"}.get(metric, metric), None)
     if value is not None:
         final[metric] = value
     if summary.best_adapter_uri and metric == "eval_loss":

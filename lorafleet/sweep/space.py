@@ -20,7 +20,15 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lorafleet.spec import JobSpec, SpecError, load_spec, parse_override, read_yaml_file, spec_from_json
+from lorafleet.spec import (
+    JobSpec,
+    SpecError,
+    apply_override,
+    load_spec,
+    parse_override,
+    read_yaml_file,
+    spec_from_json,
+)
 
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 # What a trial can be ranked by, and which way is better by default.
@@ -78,17 +86,6 @@ class Space:
     def corners(self) -> list[Any]:
         """The values checked before the sweep starts: every listed value, or both ends of a range."""
         return list(self.values)
-
-    def sample(self, rng: random.Random) -> Any:
-        """One value drawn from the space (for the checks; Ray Tune draws the trials' values)."""
-        low, high = self.values[0], self.values[-1]
-        if self.kind in ("choice", "grid"):
-            return rng.choice(self.values)
-        if self.kind == "uniform":
-            return rng.uniform(low, high)
-        if self.kind == "loguniform":
-            return math.exp(rng.uniform(math.log(low), math.log(high)))
-        return rng.randint(low, high)
 
     def to_tune(self) -> Any:
         """The Ray Tune search space (`tune.choice`, `tune.grid_search`, ...)."""
@@ -185,13 +182,7 @@ class Sweep:
         """
         raw = self.job.model_dump(mode="json")
         for path, value in params.items():
-            node = raw
-            *parents, leaf = path.split(".")
-            for part in parents:
-                if not isinstance(node.get(part), dict):  # an optional section left out (`alora`, `eval.generate`)
-                    node[part] = {}
-                node = node[part]
-            node[leaf] = value
+            apply_override(raw, path.split("."), value)  # creates an optional section left out (`eval.generate`)
         raw["name"] = trial
         raw.setdefault("checkpoint", {})["storage"] = self.storage_uri
         try:
@@ -269,17 +260,11 @@ def load_sweep(path: Union[str, Path], overrides: tuple[str, ...] | list[str] = 
         if item.startswith("sweep."):
             try:
                 keys, value = parse_override(item)
+                if keys[1:2] == ["params"] and len(keys) > 2:  # `sweep.params.lora.r={choice: [4, 8]}`: a field path
+                    keys = [keys[0], "params", ".".join(keys[2:])]
+                apply_override({"sweep": section_raw}, keys, value)
             except SpecError as exc:
                 problems += exc.problems
-                continue
-            if keys[1:2] == ["params"] and len(keys) > 2:  # `sweep.params.lora.r={choice: [4, 8]}`: a field path
-                keys = [keys[0], "params", ".".join(keys[2:])]
-            node = section_raw
-            for key in keys[1:-1]:
-                if not isinstance(node.get(key), dict):
-                    node[key] = {}
-                node = node[key]
-            node[keys[-1]] = value
         else:
             job_overrides.append(item)
     job: Optional[JobSpec] = None

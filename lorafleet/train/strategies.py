@@ -270,7 +270,7 @@ class DeepSpeedStrategy(Strategy):
     Args:
         peft_model ([`~peft.PeftModel`]):
             The model with LoRA adapters. For ZeRO-3 with 4-bit weights, load it with `bnb_4bit_quant_storage` equal
-            to the compute dtype ([`~lorafleet.model.build.quantization_config`] does this).
+            to the compute dtype ([`~lorafleet.model.build.bnb_config`] does this).
         spec ([`~lorafleet.spec.JobSpec`]):
             For the DeepSpeed config ([`deepspeed_config`]), optimizer and scheduler settings.
         device (`torch.device`):
