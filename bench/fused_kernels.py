@@ -15,6 +15,11 @@ measured for each variant in its own subprocess (ru_maxrss of a process that bui
     python bench/fused_kernels.py --json     # ... and a last line of JSON
     python bench/fused_kernels.py --profile  # ... and a torch.profiler table of each variant (2 steps)
     python bench/fused_kernels.py --quick --prompt-fraction 0.5   # half of each sequence is prompt
+    python bench/fused_kernels.py --device cuda --size 1b --dtype bfloat16   # on a GPU, a 1B-class model
+
+`--size`: `quick`, `full` (above) or `1b` (a TinyLlama-1.1B-shaped model: hidden 2048, 22 layers, 32 heads, 4 KV
+heads, seq 1024; meant for a GPU). `--device cuda` runs both variants on the GPU (Triton activations, CUDA
+bitsandbytes); peak memory is then `torch.cuda.max_memory_allocated` of the training steps instead of resident memory.
 
 `mfu` is model FLOPs per second over this machine's matmul peak in the benchmark dtype, measured in the same run; model FLOPs per
 token count 4 x the frozen linear parameters (forward 2, input-gradient 2; no base weight gradients) plus
@@ -39,6 +44,8 @@ import torch
 
 FULL = dict(hidden=512, layers=8, vocab=32000, seq=512, batch=4, inter=1376, heads=8, kv_heads=4, r=16)
 QUICK = dict(hidden=256, layers=2, vocab=8000, seq=256, batch=2, inter=704, heads=4, kv_heads=2, r=8)
+ONE_B = dict(hidden=2048, layers=22, vocab=32000, seq=1024, batch=4, inter=5632, heads=32, kv_heads=4, r=16)
+SIZES = {"quick": QUICK, "full": FULL, "1b": ONE_B}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -48,6 +55,13 @@ def log(*args):
 
 DTYPE = torch.bfloat16  # set by main() from --dtype before anything is built
 PROMPT_FRACTION = 0.0  # set by main() from --prompt-fraction
+DEVICE = torch.device("cpu")  # set by main() from --device
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that a timer stops after the step really ended."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def model_dir(size: dict) -> Path:
@@ -79,7 +93,7 @@ def build(size: dict):
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=DTYPE)
-    model = AutoModelForCausalLM.from_pretrained(model_dir(size), dtype=DTYPE, device_map="cpu",
+    model = AutoModelForCausalLM.from_pretrained(model_dir(size), dtype=DTYPE, device_map=DEVICE.type,
                                                  quantization_config=quant)
     disable_cpu_repack(model)
     torch.manual_seed(1)
@@ -92,7 +106,7 @@ def build(size: dict):
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, size["vocab"], (size["batch"], size["seq"]), generator=gen)
-    return model, optim, (ids, prompt_labels(ids, PROMPT_FRACTION))
+    return model, optim, (ids.to(DEVICE), prompt_labels(ids, PROMPT_FRACTION).to(DEVICE))
 
 
 def prompt_labels(ids: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -146,23 +160,34 @@ def model_flops(model, tokens: int, targets: int) -> float:
 
 
 def matmul_peak(dtype=torch.bfloat16, n: int = 1024, reps: int = 5) -> float:
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+    n = n if DEVICE.type == "cpu" else 8192  # a GPU needs a bigger product to reach its peak
+    a = torch.randn(n, n, dtype=dtype, device=DEVICE)
+    b = torch.randn(n, n, dtype=dtype, device=DEVICE)
     a @ b
+    sync()
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n**3 / best
 
 
 def child_memory(size_name: str, variant: str, steps: int) -> None:
     """Subprocess entry: build, run `steps` steps of one variant, print peak RSS (bytes) as JSON."""
-    size = QUICK if size_name == "quick" else FULL
+    size = SIZES[size_name]
     model, optim, batch = build(size)
     variant = set_variant(model, variant)
     rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if DEVICE.type == "cuda":
+        step(model, optim, batch, variant)  # the optimizer's state exists from the first step on: count it
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            step(model, optim, batch, variant)
+        peak = torch.cuda.max_memory_allocated()
+        print(json.dumps({"variant": variant, "peak_rss": peak, "lifetime_peak_rss": peak, "setup_peak_rss": rss_setup}))
+        return
     # Loading (quantization pass) can set the lifetime peak; reset the high-water mark so that the number is the
     # training steps' peak (Linux: writing 5 to clear_refs resets VmHWM to the current RSS).
     reset = _reset_hwm()
@@ -192,7 +217,8 @@ def _hwm() -> int:
 
 def measure_memory(size_name: str, variant: str, steps: int) -> dict:
     cmd = [sys.executable, __file__, "--_memory-child", variant, "--_size", size_name, "--_steps", str(steps),
-           "--dtype", str(DTYPE).removeprefix("torch."), "--prompt-fraction", str(PROMPT_FRACTION)]
+           "--dtype", str(DTYPE).removeprefix("torch."), "--prompt-fraction", str(PROMPT_FRACTION),
+           "--device", DEVICE.type]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -210,7 +236,9 @@ def profile(model, optim, batch, variant: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small model (seconds instead of minutes)")
+    parser.add_argument("--quick", action="store_true", help="small model (seconds instead of minutes): --size quick")
+    parser.add_argument("--size", choices=sorted(SIZES), default=None, help="model size (default full)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both variants run")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per variant")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per round")
@@ -223,26 +251,29 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-fraction", type=float, default=0.0,
                         help="fraction of each sequence that is prompt (labels -100) in both variants; default 0")
     parser.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--_size", dest="size", default="full", help=argparse.SUPPRESS)
+    parser.add_argument("--_size", dest="child_size", default="full", help=argparse.SUPPRESS)
     parser.add_argument("--_steps", dest="child_steps", type=int, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not 0.0 <= args.prompt_fraction < 1.0:
         parser.exit(2, f"--prompt-fraction: must be in [0, 1), got {args.prompt_fraction}\n")
-    global DTYPE, PROMPT_FRACTION
+    global DTYPE, PROMPT_FRACTION, DEVICE
     from lorafleet.model.device import torch_dtype
 
-    DTYPE = torch_dtype(args.dtype)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "--device cuda: torch sees no CUDA device\n")
+    DEVICE = torch.device(args.device)
+    DTYPE = torch_dtype(args.dtype, DEVICE)
     PROMPT_FRACTION = args.prompt_fraction
     if args.memory_child:
-        child_memory(args.size, args.memory_child, args.child_steps)
+        child_memory(args.child_size, args.memory_child, args.child_steps)
         return 0
 
-    size_name = "quick" if args.quick else "full"
-    size = QUICK if args.quick else FULL
-    rounds = args.rounds or (2 if args.quick else 3)
-    steps = args.steps or (2 if args.quick else 2)
+    size_name = args.size or ("quick" if args.quick else "full")
+    size = SIZES[size_name]
+    rounds = args.rounds or (2 if size_name == "quick" else 3)
+    steps = args.steps or 2
     tokens = size["batch"] * size["seq"]
-    log(f"building {size_name} model {size}, {DTYPE} (torch threads: {torch.get_num_threads()})")
+    log(f"building {size_name} model {size}, {DTYPE} on {DEVICE} (torch threads: {torch.get_num_threads()})")
     model, optim, batch = build(size)
     targets = int((batch[1][:, 1:] != -100).sum())
     flops_tok = model_flops(model, tokens, targets) / tokens
@@ -257,8 +288,10 @@ def main(argv=None) -> int:
         for variant in ("peft", "fused") if r % 2 == 0 else ("fused", "peft"):
             set_variant(model, variant)
             for _ in range(steps):
+                sync()
                 t0 = time.perf_counter()
                 losses[variant].append(step(model, optim, batch, variant))
+                sync()
                 times[variant].append(time.perf_counter() - t0)
             round_times[variant].append(sum(times[variant][-steps:]) / steps)
             log(f"round {r} {variant}: {round_times[variant][-1]:.3f} s/step")
@@ -306,7 +339,7 @@ def main(argv=None) -> int:
           + (f" | peak RSS fused/PEFT: {mem_ratio:.2f}" if mem_ratio else ""))
     print(f"last losses: peft {losses['peft'][-1]:.4f} fused {losses['fused'][-1]:.4f}")
     if args.json:
-        print(json.dumps({"size": size_name, "dtype": str(DTYPE), "prompt_fraction": PROMPT_FRACTION,
+        print(json.dumps({"size": size_name, "device": DEVICE.type, "dtype": str(DTYPE), "prompt_fraction": PROMPT_FRACTION,
                           "labelled_tokens": targets, "tokens": tokens, "tokens_per_s_ratio": ratio,
                           "round_ratios": round_ratios, "peak_mem_ratio": mem_ratio,
                           "mfu": result["fused"]["mfu"], "mfu_peft": result["peft"]["mfu"],

@@ -32,15 +32,18 @@ training, `data.max_length=64`, `training.micro_batch_size=4`, `training.grad_ac
 `checkpoint.every_n_steps=max(1, steps // 3)` (every checkpoint is evaluated: ASHA's decision points). The default
 grid ends with an obviously bad learning rate (1e-6) so that ASHA has something to stop: listed last, with more trials
 than run at once it starts late and reaches its first rung after better trials have recorded theirs (ASHA lets the
-first trial at a rung through, so with as many trials as run at once it may stop nothing). The variants run in
-the order above, once each; progress on stderr, the tables on stdout, with `--json` one JSON line last. Exit code 1
-if a run fails (its stderr's tail is printed).
+first trial at a rung through, so with as many trials as run at once it may stop nothing). With `--rounds N` (default
+1) every variant runs N times, in the order above in even rounds and reversed in odd ones, so that load drift on the
+machine hits all of them; wall times are reported as the median (and range) over the rounds, and the wall ratio as
+the median of each round's own ratio. Trial-steps, the best trial and the per-trial table are the first round's
+(every round's are in the JSON). Progress on stderr, the tables on stdout, with `--json` one JSON line last. Exit
+code 1 if a run fails (its stderr's tail is printed).
 
 Usage:
 
 ```bash
 python bench/sweep.py [--steps 30] [--rates 3e-3,1e-3,3e-4,1e-6] [--rank 8] [--workers 1] [--no-overhead]
-                      [--tolerance 0.02] [--set KEY=VALUE ...] [--keep] [--json]
+                      [--rounds 1] [--tolerance 0.02] [--set KEY=VALUE ...] [--keep] [--json]
 python bench/sweep.py --steps 4 --rates 0.003,0.000001 --json     # a smoke run
 ```
 
@@ -159,11 +162,11 @@ def _short(params: dict) -> str:
 # -------------------------------------------------------------------------------------------------------- variants
 
 
-def run_sequential(job: Path, combos: list[dict], storage: Path) -> dict:
+def run_sequential(job: Path, combos: list[dict], storage: Path, prefix: str = "seq") -> dict:
     """One `lorafleet submit` per combination, one after the other; the variant's totals and each run's summary."""
     trials, wall = [], 0.0
     for i, params in enumerate(combos):
-        name = f"seq-{i:03d}"
+        name = f"{prefix}-{i:03d}"
         sets = [*(f"{k}={json.dumps(v)}" for k, v in params.items()), f"name={name}", f"checkpoint.storage={storage}"]
         cmd = [sys.executable, "-m", "lorafleet.cli", "submit", str(job), "--json", *_sets(sets)]
         seconds, out, reader = run_child(cmd, f"[{name}]", lambda line: "error" in line.lower() or "Traceback" in line)
@@ -198,6 +201,12 @@ def run_sweep(name: str, grid: list[str], overrides: list[str], storage: Path) -
     return _variant(wall, trials)
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def _variant(wall: float, trials: list[dict]) -> dict:
     ranked = [t for t in trials if t["metric"] is not None and math.isfinite(t["metric"])]
     best = min(ranked, key=lambda t: t["metric"]) if ranked else None
@@ -227,13 +236,15 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="Extra overrides for every run, e.g. --set lora.alpha=16 (`sweep.*` ones: the sweeps "
                         "only).")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="Runs of every variant, alternating their order; medians are reported (default 1).")
     parser.add_argument("--keep", action="store_true", help="Keep the temporary storage folder (its path is printed).")
     parser.add_argument("--json", action="store_true", help="Print one JSON line last.")
     args = parser.parse_args(argv)
 
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
-    if not rates or args.steps < 1 or args.workers < 1:
-        parser.error("--rates needs at least one rate; --steps and --workers at least 1")
+    if not rates or args.steps < 1 or args.workers < 1 or args.rounds < 1:
+        parser.error("--rates needs at least one rate; --steps, --workers and --rounds at least 1")
     for item in args.overrides:
         key = item.partition("=")[0].strip()
         if key in OWN_FIELDS or key.startswith(OWN_SWEEP_FIELDS):
@@ -276,15 +287,23 @@ def main(argv=None) -> int:
         # What every trial of the sweep starts from (Sweep.trial_spec sets the values on this same dump).
         job = storage / "job.yaml"
         job.write_text(yaml.safe_dump(definition.job.model_dump(mode="json"), sort_keys=False))
-        results: dict[str, dict] = {}
-        log(f"sequential: {n} submits")
-        results["sequential"] = run_sequential(job, combos, storage)
-        log("asha: one sweep")
-        results["asha"] = run_sweep("sweep-asha", grid, common, storage)
-        if not args.no_overhead:
-            log("none: one sweep, no scheduler, one trial at a time")
-            results["none"] = run_sweep("sweep-none", [*grid, "sweep.scheduler=none", "sweep.max_concurrent_trials=1"],
-                                        common, storage)
+        variants = [v for v in VARIANTS if not (v == "none" and args.no_overhead)]
+        rounds: list[dict[str, dict]] = []
+        for r in range(args.rounds):
+            results: dict[str, dict] = {}
+            for variant in variants if r % 2 == 0 else variants[::-1]:
+                tag = f"-r{r}" if args.rounds > 1 else ""
+                if variant == "sequential":
+                    log(f"round {r}, sequential: {n} submits")
+                    results[variant] = run_sequential(job, combos, storage, prefix=f"seq{tag}")
+                elif variant == "asha":
+                    log(f"round {r}, asha: one sweep")
+                    results[variant] = run_sweep(f"sweep-asha{tag}", grid, common, storage)
+                else:
+                    log(f"round {r}, none: one sweep, no scheduler, one trial at a time")
+                    results[variant] = run_sweep(f"sweep-none{tag}", [*grid, "sweep.scheduler=none",
+                                                                      "sweep.max_concurrent_trials=1"], common, storage)
+            rounds.append(results)
     finally:
         if args.keep:
             log(f"storage kept: {storage}")
@@ -292,8 +311,11 @@ def main(argv=None) -> int:
             shutil.rmtree(storage, ignore_errors=True)
 
     load = (round(load_before, 2), round(os.getloadavg()[0], 2))
+    walls = {v: sorted(r[v]["wall_s"] for r in rounds) for v in variants}
+    ratios = sorted(r["asha"]["wall_s"] / r["sequential"]["wall_s"] for r in rounds)
+    results = {v: {**rounds[0][v], "wall_s": _median(walls[v])} for v in variants}
     seq, asha, none = results["sequential"], results["asha"], results.get("none")
-    ratio = asha["wall_s"] / seq["wall_s"]
+    ratio = _median(ratios)
     saved = seq["trial_steps"] - asha["trial_steps"]
     seq_best, asha_best = seq["best"], asha["best"]
     same = asha_best is not None and _key(asha_best["params"]) == _key(seq_best["params"])
@@ -311,19 +333,22 @@ def main(argv=None) -> int:
     print(f"lorafleet sweep (ASHA) vs sequential submits: {n} trials (LoRA rank {args.rank}, "
           f"learning rates {', '.join(f'{r:g}' for r in rates)}), {args.steps} steps, {args.workers} worker(s) "
           f"each, evaluated at steps {evals}; 1-min load average before/after {load[0]}/{load[1]}")
-    rows = [("variant", "wall s", "trial-steps", "best params", "best eval_loss")]
-    for variant in VARIANTS:
-        if variant not in results:
-            continue
+    spread = args.rounds > 1
+    rows = [("variant", "wall s" + (f" (median of {args.rounds}, range)" if spread else ""), "trial-steps",
+             "best params", "best eval_loss")]
+    for variant in variants:
         r = results[variant]
         best = r["best"]
         steps = f"{r['trial_steps']}" + (f" ({r['stopped']} stopped)" if r["stopped"] else "")
-        rows.append((LABELS[variant], f"{r['wall_s']:.1f}", steps, _short(best["params"]) if best else "-",
+        wall = f"{r['wall_s']:.1f}" + (f" ({walls[variant][0]:.1f}-{walls[variant][-1]:.1f})" if spread else "")
+        rows.append((LABELS[variant], wall, steps, _short(best["params"]) if best else "-",
                      f"{best['metric']:.4f}" if best else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) if i in (0, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    print(f"wall ratio asha/sequential: {ratio:.2f}x ({asha['wall_s']:.1f} s vs {seq['wall_s']:.1f} s)")
+    print(f"wall ratio asha/sequential: {ratio:.2f}x ({asha['wall_s']:.1f} s vs {seq['wall_s']:.1f} s)"
+          + (f"; per round: median {ratio:.2f}x, range {ratios[0]:.2f}-{ratios[-1]:.2f}x over {args.rounds} rounds"
+             if spread else ""))
     print(f"trial-steps saved by ASHA: {saved} of {seq['trial_steps']} ({saved / seq['trial_steps']:.0%}), "
           f"{asha['stopped']} of {n} trials stopped")
     if asha_best is not None:
@@ -357,6 +382,8 @@ def main(argv=None) -> int:
             "eval_steps": evals, "grace_period": definition.grace_period,
             "reduction_factor": definition.section.reduction_factor, "overrides": args.overrides,
             "load_average": load, "variants": results, "wall_ratio": ratio, "trial_steps_saved": saved,
+            "rounds": args.rounds, "wall_ratio_rounds": ratios, "wall_s_rounds": walls,
+            "trial_steps_rounds": [{v: r[v]["trial_steps"] for v in variants} for r in rounds],
             "best_agreement": agreement, "overhead_per_trial": overhead,
         }))
     sys.stdout.flush()

@@ -1,5 +1,9 @@
-"""Gated activation kernels: Triton (under TRITON_INTERPRET=1 on CPU tensors) against the plain-torch reference,
-and the reference against torch autograd of the Hugging Face activations."""
+"""Gated activation kernels: Triton against the plain-torch reference, and the reference against torch autograd of
+the Hugging Face activations.
+
+The Triton tests run under TRITON_INTERPRET=1 on CPU tensors by default; with TRITON_INTERPRET=0 on a CUDA machine
+(what bench/gpu_check.sh does) the same tests run the compiled kernels on the GPU.
+"""
 
 import os
 
@@ -12,8 +16,12 @@ import torch.nn.functional as F  # noqa: E402
 
 import lorafleet.kernels.activations as act  # noqa: E402
 
-needs_interpreter = pytest.mark.skipif(
-    not act.HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1", reason="needs triton with TRITON_INTERPRET=1"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Where the Triton tests put their tensors: the interpreter runs on CPU tensors, compiled kernels need a GPU.
+TRITON_DEVICE = "cpu" if INTERPRETED else "cuda"
+needs_triton = pytest.mark.skipif(
+    not act.HAS_TRITON or not (INTERPRETED or torch.cuda.is_available()),
+    reason="needs triton with TRITON_INTERPRET=1, or a CUDA device",
 )
 
 HF_ACT = {
@@ -25,11 +33,11 @@ HF_ACT = {
 SHAPES = [(3, 37), (2, 5, 130), (1, 257)]
 
 
-def _inputs(shape, dtype, seed=0):
+def _inputs(shape, dtype, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    g = (torch.randn(shape, generator=gen) * 3).to(dtype)  # x3 reaches the tails of the activations
-    u = torch.randn(shape, generator=gen).to(dtype)
-    dh = torch.randn(shape, generator=gen).to(dtype)
+    g = (torch.randn(shape, generator=gen) * 3).to(device, dtype)  # x3 reaches the tails of the activations
+    u = torch.randn(shape, generator=gen).to(device, dtype)
+    dh = torch.randn(shape, generator=gen).to(device, dtype)
     return g, u, dh
 
 
@@ -86,11 +94,11 @@ def test_cpu_dispatch_uses_torch_even_under_the_interpreter():
     torch.testing.assert_close(act.gated_forward(g, u, "silu"), act.swiglu_ref(g, u))
 
 
-@needs_interpreter
+@needs_triton
 @pytest.mark.parametrize("name", act.ACTIVATIONS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_triton_fp32_matches_reference(name, shape):
-    g, u, dh = _inputs(shape, torch.float32)
+    g, u, dh = _inputs(shape, torch.float32, device=TRITON_DEVICE)
     torch.testing.assert_close(act.gated_forward_triton(g, u, name), act.gated_forward_ref(g, u, name), rtol=1e-5, atol=1e-6)
     tri = act.gated_backward_triton(dh.clone(), g.clone(), u.clone(), name)
     ref = act.gated_backward_ref(dh.clone(), g.clone(), u.clone(), name)
@@ -98,12 +106,12 @@ def test_triton_fp32_matches_reference(name, shape):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@needs_interpreter
+@needs_triton
 @pytest.mark.parametrize("name", act.ACTIVATIONS)
 def test_triton_bf16_within_one_ulp(name):
     # Both compute in fp32 and cast once; the interpreter's fp32->bf16 store truncates where torch rounds to
     # nearest, so results may differ by one bf16 ulp (2^-7 relative at worst), not more.
-    g, u, dh = _inputs((5, 67), torch.bfloat16, seed=3)
+    g, u, dh = _inputs((5, 67), torch.bfloat16, seed=3, device=TRITON_DEVICE)
     one_ulp = 2.0**-7
     got = act.gated_forward_triton(g, u, name)
     assert got.dtype == torch.bfloat16
@@ -118,11 +126,11 @@ def test_triton_bf16_within_one_ulp(name):
     torch.testing.assert_close(tri[2].float(), du_true, rtol=2 * one_ulp, atol=1e-5)
 
 
-@needs_interpreter
+@needs_triton
 def test_triton_rows_wider_than_a_block(monkeypatch):
     # Production rows up to 4096 columns are one block; force several blocks per row to test the column tiling.
     monkeypatch.setattr(act, "_MAX_BLOCK", 64)
-    g, u, dh = _inputs((3, 150), torch.float32, seed=7)
+    g, u, dh = _inputs((3, 150), torch.float32, seed=7, device=TRITON_DEVICE)
     torch.testing.assert_close(act.gated_forward_triton(g, u, "gelu"), act.gated_forward_ref(g, u, "gelu"))
     tri = act.gated_backward_triton(dh.clone(), g.clone(), u.clone(), "gelu")
     ref = act.gated_backward_ref(dh.clone(), g.clone(), u.clone(), "gelu")
@@ -130,9 +138,9 @@ def test_triton_rows_wider_than_a_block(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@needs_interpreter
+@needs_triton
 def test_triton_backward_in_place_and_rejects_mismatch():
-    g, u, dh = _inputs((2, 33), torch.float32)
+    g, u, dh = _inputs((2, 33), torch.float32, device=TRITON_DEVICE)
     ptrs = (dh.data_ptr(), g.data_ptr(), u.data_ptr())
     out = act.gated_backward_triton(dh, g, u, "silu")
     assert tuple(t.data_ptr() for t in out) == ptrs
@@ -142,9 +150,9 @@ def test_triton_backward_in_place_and_rejects_mismatch():
         act.gated_forward_triton(g, u, "relu")
 
 
-@needs_interpreter
+@needs_triton
 def test_lora_mlp_through_triton_kernels(monkeypatch):
-    """The fused MLP Function, with its activation on the Triton interpreter, matches PEFT's layers."""
+    """The fused MLP Function, with its activation on the Triton kernels, matches PEFT's layers."""
     from peft import LoraConfig, get_peft_model
 
     from lorafleet.kernels.lora_ops import lora_mlp
@@ -163,9 +171,10 @@ def test_lora_mlp_through_triton_kernels(monkeypatch):
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.2)
+    model.to(TRITON_DEVICE)
     inner = model.base_model.model
-    x = torch.randn(2, 3, 24, requires_grad=True)
-    upstream = torch.randn(2, 3, 24)
+    x = torch.randn(2, 3, 24).to(TRITON_DEVICE).requires_grad_()
+    upstream = torch.randn(2, 3, 24).to(TRITON_DEVICE)
 
     def grads(fn):
         model.zero_grad(set_to_none=True)
@@ -174,7 +183,7 @@ def test_lora_mlp_through_triton_kernels(monkeypatch):
         return [x.grad.clone()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     want = grads(model)
-    # Production dispatch sends CPU tensors to torch; send them to the (interpreted) Triton launchers instead.
+    # Production dispatch sends CPU tensors to torch; send every tensor to the Triton launchers (interpreted on CPU).
     launched = []
     monkeypatch.setattr(act, "triton_usable", lambda t: launched.append(t.shape) or True)
     got = grads(lambda t: lora_mlp(t, inner.gate_proj, inner.up_proj, inner.down_proj, "gelu_tanh"))
