@@ -172,6 +172,9 @@ def submit(
         if as_json:
             click.echo(json.dumps(summary.to_dict()))
         sys.exit(stop.exit_code)
+    if summary.skipped_records:
+        click.echo(f"lorafleet: {spec.name}: skipped {summary.skipped_records:,} bad record(s) "
+                   f"(data.on_bad_record: skip), first: {summary.skipped_at[0]}", err=True)
     # One line per distinct reason a fused path was left unfused (the same reason usually holds for every layer).
     for reason in dict.fromkeys(line.split("): ", 1)[-1] for line in summary.kernels_skipped):
         click.echo(f"lorafleet: {spec.name}: not fused: {reason}", err=True)

@@ -14,7 +14,7 @@ from typing import Optional
 import click
 
 from lorafleet import __version__
-from lorafleet.cli import adapters, jobs, remote, sweep
+from lorafleet.cli import adapters, api, data, jobs, remote, sweep
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,7 +23,8 @@ def cli() -> None:
     """Distributed LoRA/QLoRA fine-tuning on Ray."""
 
 
-for _command in (*jobs.COMMANDS, *sweep.COMMANDS, *adapters.COMMANDS, *remote.COMMANDS):
+for _command in (*jobs.COMMANDS, *sweep.COMMANDS, *adapters.COMMANDS, *remote.COMMANDS, *api.COMMANDS,
+                 *data.COMMANDS):
     cli.add_command(_command)
 
 

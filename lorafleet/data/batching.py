@@ -37,12 +37,27 @@ def pack_samples(samples: Sequence[dict], max_length: int) -> list[dict]:
     ([0, 1, 2, 0, 1], [-100, 5, 6, -100, 7])
     ```
     """
-    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i]["input_ids"]), i))
+    alora = any("alora_start" in s for s in samples)
+    bins = pack_bins([len(s["input_ids"]) for s in samples], max_length)
+    return [packed_row([samples[i] for i in members], alora) for members in bins]
+
+
+def pack_bins(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Which samples [`pack_samples`] puts in each row: first-fit decreasing over `lengths` (ties by index).
+
+    Example:
+
+    ```python
+    >>> pack_bins([3, 2, 5], max_length=8)
+    [[2, 0], [1]]
+    ```
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     # (free space, bin index) kept sorted: first fit == the fullest bin that still has room, found by bisect.
     free: list[tuple[int, int]] = []
     for i in order:
-        n = len(samples[i]["input_ids"])
+        n = lengths[i]
         if n > max_length:
             raise ValueError(f"sample {i} has {n} tokens, more than max_length={max_length}")
         j = bisect.bisect_left(free, (n, -1))
@@ -53,24 +68,25 @@ def pack_samples(samples: Sequence[dict], max_length: int) -> list[dict]:
             space, b = free.pop(j)
             bins[b].append(i)
             bisect.insort(free, (space - n, b))
-    rows = []
-    alora = any("alora_start" in s for s in samples)
-    for members in bins:
-        row: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+    return bins
+
+
+def packed_row(members: Sequence[dict], alora: bool) -> dict:
+    """One packed row of [`pack_samples`] from its samples, in order (`alora`: add `alora_spans`)."""
+    row: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+    if alora:
+        # [activation start, sample end) per packed sample, in row coordinates: one offset per row cannot
+        # express several invocations, so collate turns these into a per-token activation mask.
+        row["alora_spans"] = []
+    for sample in members:
+        ids, labels = sample["input_ids"], sample["labels"]
         if alora:
-            # [activation start, sample end) per packed sample, in row coordinates: one offset per row cannot
-            # express several invocations, so collate turns these into a per-token activation mask.
-            row["alora_spans"] = []
-        for i in members:
-            ids, labels = samples[i]["input_ids"], samples[i]["labels"]
-            if alora:
-                at = len(row["input_ids"])
-                row["alora_spans"].append([at + samples[i]["alora_start"], at + len(ids)])
-            row["input_ids"] += ids
-            row["labels"] += [IGNORE_INDEX] + list(labels[1:])
-            row["position_ids"] += list(range(len(ids)))
-        rows.append(row)
-    return rows
+            at = len(row["input_ids"])
+            row["alora_spans"].append([at + sample["alora_start"], at + len(ids)])
+        row["input_ids"] += ids
+        row["labels"] += [IGNORE_INDEX] + list(labels[1:])
+        row["position_ids"] += list(range(len(ids)))
+    return row
 
 
 def collate(samples: Sequence[dict], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:

@@ -6,14 +6,13 @@ With evaluation on, the held-out samples travel in the same object (`TrainingDat
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import torch
 
 from lorafleet.constants import IGNORE_INDEX
 from lorafleet.data.alora import Invocation
+from lorafleet.data.cache import SHOW_SKIPPED, CachedSamples, CacheReport, TokenCache, held_out_mask
 from lorafleet.data.encode import prepare_samples
 from lorafleet.data.plan import BatchPlan
 from lorafleet.data.records import load_records
@@ -47,17 +46,8 @@ def held_out_split(num_records: int, fraction: float, seed: int) -> tuple[list[i
     (8, 2, True)
     ```
     """
-    count = math.floor(fraction * num_records)
-    if count == 0 or count == num_records:
-        side = "the held-out set" if count == 0 else "training"
-        raise SpecError(
-            f"data.eval_fraction: {fraction} of {num_records} records leaves {side} empty "
-            f"(held out: floor({fraction} x {num_records}) = {count}); change it or use data.eval_path"
-        )
-    order = torch.randperm(num_records, generator=torch.Generator().manual_seed(seed)).tolist()
-    held_out = sorted(order[:count])
-    chosen = set(held_out)
-    return [i for i in range(num_records) if i not in chosen], held_out
+    mask = held_out_mask(num_records, fraction, seed)
+    return (~mask).nonzero()[0].tolist(), mask.nonzero()[0].tolist()
 
 
 def _eval_records(spec: DataSpec) -> list[dict]:
@@ -111,18 +101,21 @@ class TrainingData:
     ```
     """
 
-    samples: list[dict]
+    samples: Sequence[dict]
     pad_token_id: int
     invocation_tokens: list[int] | None = None
     source: dict[str, Any] = field(default_factory=dict, repr=False)
-    eval_samples: list[dict] = field(default_factory=list, repr=False)
+    eval_samples: Sequence[dict] = field(default_factory=list, repr=False)
     eval_records: list[dict] = field(default_factory=list, repr=False)
-    targets: list[int] = field(init=False, repr=False)
-    eval_targets: list[int] = field(init=False, repr=False)
+    report: dict[str, Any] = field(default_factory=dict, repr=False)
+    targets: Sequence[int] = field(init=False, repr=False)
+    eval_targets: Sequence[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.targets = _targets(self.samples)
-        self.eval_targets = _targets(self.eval_samples)
+        # Cached samples carry their counts in the cache; counting would read every sample.
+        self.targets = self.samples.targets if isinstance(self.samples, CachedSamples) else _targets(self.samples)
+        self.eval_targets = (self.eval_samples.targets if isinstance(self.eval_samples, CachedSamples)
+                             else _targets(self.eval_samples))
 
     @classmethod
     def from_spec(cls, spec: JobSpec, tokenizer, warn: bool = False) -> TrainingData:
@@ -140,9 +133,11 @@ class TrainingData:
         """
         invocation = Invocation.from_spec(spec, tokenizer, warn=warn)
         data = spec.data
-        every = records = eval_records = None
+        every = eval_records = None
+        skipped: list[str] = []
+        records = load_records(data, skipped)
         if data.eval_fraction is not None:
-            every = load_records(data)
+            every = records
             train, held_out = held_out_split(len(every), data.eval_fraction, spec.training.seed)
             records, eval_records = [every[i] for i in train], [every[i] for i in held_out]
         elif data.eval_path is not None:
@@ -171,11 +166,80 @@ class TrainingData:
         scored = []
         if generate is not None and eval_records:
             scored = eval_records[: min(generate.num_samples, spec.eval.max_samples or generate.num_samples)]
-        return cls(samples, tokenizer.pad_token_id, tokens, eval_samples=eval_samples, eval_records=scored)
+        report = {"skipped": len(skipped), "skipped_at": skipped[:SHOW_SKIPPED]} if skipped else {}
+        return cls(samples, tokenizer.pad_token_id, tokens, eval_samples=eval_samples, eval_records=scored,
+                   report=report)
+
+    @classmethod
+    def from_cache(cls, spec: JobSpec, tokenizer, cache: TokenCache, report: CacheReport,
+                   invocation: Invocation | None = None, eval_cache: TokenCache | None = None) -> TrainingData:
+        """The samples of a tokenized cache ([`~lorafleet.data.cache.build_cache`]): the same samples, in the same
+        order, as [`from_spec`] gives for the same data and spec, read by index from the cache instead of held in
+        memory. The held-out split of `data.eval_fraction` is applied here (it depends on the seed, not the cache);
+        `data.eval_path` is read in memory as by [`from_spec`], or from its own cache (`eval_cache`).
+
+        Args:
+            spec ([`~lorafleet.spec.JobSpec`]): The validated spec.
+            tokenizer ([`~transformers.PreTrainedTokenizerBase`]): The base model's tokenizer (for `data.eval_path`).
+            cache ([`~lorafleet.data.cache.TokenCache`]): The built cache.
+            report ([`~lorafleet.data.cache.CacheReport`]): What building it found (`report` of the result).
+            invocation ([`~lorafleet.data.alora.Invocation`], *optional*): For aLoRA jobs.
+            eval_cache ([`~lorafleet.data.cache.TokenCache`], *optional*):
+                The cache of `data.eval_path` when it is shards, a glob or a prefix (else it is read in memory).
+
+        Raises:
+            [`~lorafleet.spec.SpecError`]: Samples without the aLoRA invocation, no sample left, an `eval_fraction`
+            that leaves a side empty, or `eval.generate` with `eval_fraction` (the records are not cached).
+        """
+        data = spec.data
+        fraction, seed = data.eval_fraction, spec.training.seed
+        if (fraction is not None or eval_cache is not None) and spec.eval.generate is not None:
+            raise SpecError("eval.generate: with the tokenized cache (data.cache), held-out answers need "
+                            "data.eval_path as one file (cached records are not kept as text); "
+                            "or set data.cache: false")
+        # Packed like the in-memory path: the training side only; held-out samples stay one per row.
+        pack = data.max_length if data.packing else None
+        if fraction is not None:
+            samples = CachedSamples(cache, "train", fraction, seed, pack_length=pack)
+            eval_samples: Sequence[dict] = CachedSamples(cache, "held_out", fraction, seed)
+        else:
+            samples, eval_samples = CachedSamples(cache, pack_length=pack), []
+        missing = CachedSamples(cache).missing_invocation()
+        if invocation is not None:
+            invocation.check_missing(missing, len(cache), data.max_length)
+        if len(samples.rows) == 0:
+            raise SpecError(
+                f"data.max_length: every sample was dropped (no trained token within {data.max_length} tokens)"
+            )
+        eval_records = None
+        if eval_cache is not None:
+            eval_samples = CachedSamples(eval_cache)
+            if invocation is not None:
+                try:
+                    invocation.check_missing(eval_samples.missing_invocation(), len(eval_cache), data.max_length)
+                except SpecError as exc:
+                    raise SpecError(*(p.replace("data.path:", "data.eval_path:", 1) for p in exc.problems)) from None
+        elif data.eval_path is not None:
+            eval_records = _eval_records(data)
+            unpacked = data.model_copy(update={"packing": False})
+            try:
+                eval_samples = prepare_samples(unpacked, tokenizer, eval_records, invocation=invocation)
+            except SpecError as exc:
+                raise SpecError(*(p.replace("data.path:", "data.eval_path:", 1) for p in exc.problems)) from None
+        generate = spec.eval.generate
+        scored = []
+        if generate is not None and eval_records:
+            scored = eval_records[: min(generate.num_samples, spec.eval.max_samples or generate.num_samples)]
+        tokens = invocation.tokens if invocation is not None else None
+        return cls(samples, tokenizer.pad_token_id, tokens, eval_samples=eval_samples, eval_records=scored,
+                   report=report.as_dict())
 
     def plan(self, spec: JobSpec) -> BatchPlan:
         """The job's [`~lorafleet.data.plan.BatchPlan`] over these samples (global batch size, seed, shuffle, and
         the samples' lengths with `data.group_by_length`)."""
-        lengths = [len(s["input_ids"]) for s in self.samples] if spec.data.group_by_length else None
+        lengths = None
+        if spec.data.group_by_length:
+            lengths = (self.samples.lengths() if isinstance(self.samples, CachedSamples)
+                       else [len(s["input_ids"]) for s in self.samples])
         return BatchPlan(len(self.samples), spec.global_batch_size, seed=spec.training.seed, shuffle=spec.data.shuffle,
                          lengths=lengths)

@@ -94,38 +94,20 @@ def prepare_samples(
     """
     if records is None:
         records = load_records(spec)
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token: samples could never learn to stop")
-    if spec.format == "instruction":
-        encoded = _encode_instruction(records, tokenizer)
-    elif spec.format == "text":
-        encoded = _encode_text(records, tokenizer)
-    else:
-        encoded = _encode_chat(records, tokenizer)
-
     stats = DataStats(records=len(records))
     samples = []
     missing_invocation: list[int] = []
-    for record_no, (ids, labels) in enumerate(encoded, start=1):
-        if spec.train_on_inputs:
-            labels = list(ids)
-        labels[0] = IGNORE_INDEX
-        if len(ids) > spec.max_length:
-            stats.truncated += 1
-            ids, labels = ids[: spec.max_length], labels[: spec.max_length]
-        start = None
-        if invocation is not None:
-            # After truncation: an invocation cut off by max_length is as missing as one never written.
-            start, labels = invocation.locate(ids, labels)
-            if start is None:
-                missing_invocation.append(record_no)
-                continue
-        if all(label == IGNORE_INDEX for label in labels):
+    for record_no, row in enumerate(encode_rows(spec, tokenizer, records, invocation), start=1):
+        stats.truncated += row.truncated
+        if row.status == NO_INVOCATION:
+            missing_invocation.append(record_no)
+            continue
+        if row.status == NO_TARGET:
             stats.dropped += 1
             continue
-        sample = {"input_ids": ids, "labels": labels}
-        if start is not None:
-            sample["alora_start"] = start
+        sample = {"input_ids": row.input_ids, "labels": row.labels}
+        if row.alora_start is not None:
+            sample["alora_start"] = row.alora_start
         samples.append(sample)
     if invocation is not None:
         invocation.check_missing(missing_invocation, len(records), spec.max_length)
@@ -146,6 +128,75 @@ def prepare_samples(
     if not samples:
         raise SpecError(f"data.max_length: every sample was dropped (no trained token within {spec.max_length} tokens)")
     return (samples, stats) if return_stats else samples
+
+
+# Why an encoded record is not a sample (`EncodedRow.status`).
+KEPT, NO_TARGET, NO_INVOCATION = 0, 1, 2
+
+
+@dataclass
+class EncodedRow:
+    """One record tokenized, masked and truncated ([`encode_rows`]): a sample when `status` is `KEPT`; `NO_TARGET`
+    when no trained token is left after truncation, `NO_INVOCATION` when an aLoRA sample lacks its invocation."""
+
+    input_ids: list[int]
+    labels: list[int]
+    alora_start: Optional[int]
+    status: int
+    truncated: bool
+
+
+def encode_rows(spec: DataSpec, tokenizer, records: Sequence[dict],
+                invocation: Optional["Invocation"] = None) -> list[EncodedRow]:
+    """Tokenize, mask and truncate each record on its own (the per-record part of [`prepare_samples`], which the
+    tokenized cache runs chunk by chunk, so both give the same samples).
+
+    Args:
+        spec ([`~lorafleet.spec.DataSpec`]): The job's `data` section.
+        tokenizer ([`~transformers.PreTrainedTokenizerFast`]): As for [`prepare_samples`].
+        records (`Sequence[dict]`): Checked records.
+        invocation ([`~lorafleet.data.alora.Invocation`], *optional*): For aLoRA jobs.
+
+    Returns:
+        `list[EncodedRow]`: One per record, in order.
+
+    Example:
+
+    ```python
+    >>> from lorafleet.spec import DataSpec
+    >>> from lorafleet.data.tokenizer import load_tokenizer
+    >>> [row] = encode_rows(DataSpec(path="unused.jsonl", max_length=8), load_tokenizer(),
+    ...                     [{"instruction": "Say hi 2 times.", "output": "hi hi"}])
+    >>> row.status, row.truncated, len(row.input_ids)
+    (1, True, 8)
+    ```
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token: samples could never learn to stop")
+    if spec.format == "instruction":
+        encoded = _encode_instruction(records, tokenizer)
+    elif spec.format == "text":
+        encoded = _encode_text(records, tokenizer)
+    else:
+        encoded = _encode_chat(records, tokenizer)
+    rows = []
+    for ids, labels in encoded:
+        if spec.train_on_inputs:
+            labels = list(ids)
+        labels[0] = IGNORE_INDEX
+        truncated = len(ids) > spec.max_length
+        if truncated:
+            ids, labels = ids[: spec.max_length], labels[: spec.max_length]
+        start = None
+        if invocation is not None:
+            # After truncation: an invocation cut off by max_length is as missing as one never written.
+            start, labels = invocation.locate(ids, labels)
+            if start is None:
+                rows.append(EncodedRow(ids, labels, None, NO_INVOCATION, truncated))
+                continue
+        status = NO_TARGET if all(label == IGNORE_INDEX for label in labels) else KEPT
+        rows.append(EncodedRow(ids, labels, start, status, truncated))
+    return rows
 
 
 def _batch_encode(tokenizer, texts: list[str]) -> list[list[int]]:

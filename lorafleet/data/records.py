@@ -34,11 +34,14 @@ _BINARY_MAGIC = (
 )
 
 
-def load_records(spec: DataSpec) -> list[dict]:
+def load_records(spec: DataSpec, skipped: Optional[list[str]] = None) -> list[dict]:
     """Read the records of `spec.path` and check they have the fields `spec.format` needs.
 
     Args:
         spec ([`~lorafleet.spec.DataSpec`]): The job's `data` section.
+        skipped (`list[str]`, *optional*):
+            With `data.on_bad_record: skip`, receives one `record N (line L): problem` line per bad record (invalid
+            JSON lines of a .jsonl file included), which is then left out instead of refused.
 
     Returns:
         `list[dict]`: The records, in file order (extra fields are kept and ignored).
@@ -59,6 +62,8 @@ def load_records(spec: DataSpec) -> list[dict]:
     ```
     """
     path = Path(spec.path)
+    if skipped is None:
+        skipped = []
     if not path.exists():
         raise SpecError(f"data.path: no such file or directory: {path}")
     lines: Optional[list[int]] = None
@@ -71,19 +76,26 @@ def load_records(spec: DataSpec) -> list[dict]:
     elif _size(path) == 0:
         raise SpecError(f"data.path: {path}: the file is empty (0 bytes)")
     elif path.suffix == ".jsonl":
-        records, lines = _read_jsonl(path)
+        records, lines = _read_jsonl(path, skipped if spec.on_bad_record == "skip" else None)
     elif path.suffix == ".json":
         records = _read_json(path)
     else:
         records = _read_parquet(path)
     if not records:
         raise SpecError(f"data.path: {path} holds no records")
+    kept = []
     for i, record in enumerate(records):
-        where = f"record {i + 1}" + (f" (line {lines[i]})" if lines is not None and lines[i] != i + 1 else "")
         problem = _record_problem(record, spec.format)
-        if problem is not None:
+        if problem is None:
+            kept.append(record)
+            continue
+        where = f"record {i + 1}" + (f" (line {lines[i]})" if lines is not None and lines[i] != i + 1 else "")
+        if spec.on_bad_record != "skip":
             raise SpecError(f"data.path: {where}: {problem}")
-    return records
+        skipped.append(f"{path}: {where}: {problem}")
+    if not kept:
+        raise SpecError(f"data.path: {path} holds no valid record (every one was skipped)")
+    return kept
 
 
 def _unreadable(path: Path, exc: OSError) -> SpecError:
@@ -141,7 +153,7 @@ def _json_error(exc: Exception) -> str:
     return str(exc).split(";")[0].splitlines()[0]
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
+def _read_jsonl(path: Path, skipped: Optional[list[str]] = None) -> tuple[list[dict], list[int]]:
     records, lines = [], []
     try:
         with open(path, "rb") as f:
@@ -156,6 +168,9 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
                 try:
                     records.append(json.loads(line))
                 except (ValueError, RecursionError) as exc:
+                    if skipped is not None:
+                        skipped.append(f"{path}: line {number}: invalid JSON ({_json_error(exc)})")
+                        continue
                     array = number == 1 and line.lstrip().startswith("[")
                     hint = ": one record per line in .jsonl; a JSON array belongs in a .json file" if array else ""
                     raise SpecError(

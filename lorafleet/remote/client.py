@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from lorafleet.compat.ray import train_env
+from lorafleet.data.sources import list_sources
 from lorafleet.runstore.checkpoint import ADAPTER_FILES, INFO_FILE, check_adapter
 from lorafleet.runstore.location import fetch_files
 
@@ -356,11 +357,19 @@ def stage_job(spec: Any, folder: Path) -> Path:
     raw = json.loads(spec.model_dump_json())
     # The held-out file (`data.eval_path`) goes in a folder of its own: it may share the training file's name.
     for key, under in (("path", "data"), ("eval_path", "eval")):
-        if raw["data"].get(key) is None:
-            continue
+        if raw["data"].get(key) is None or "://" in raw["data"][key]:
+            continue  # an object-store prefix: the cluster reads it where it is
         data = Path(raw["data"][key])
         target = folder / under / data.name
         target.parent.mkdir(parents=True, exist_ok=True)
+        if any(c in str(data) for c in "*?["):
+            # A glob's files go as a folder of shards, in the order the glob reads them.
+            target = folder / under / "shards"
+            for source in list_sources(str(data)):
+                (target / source.name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source.path, target / source.name)
+            raw["data"][key] = f"{under}/shards"
+            continue
         if data.is_dir():
             shutil.copytree(data, target)
         else:

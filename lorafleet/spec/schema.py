@@ -187,7 +187,12 @@ class AloraSpec(_Section):
 
 
 class DataSpec(_Section):
-    path: str = Field(..., description="A .jsonl, .json or .parquet file, or a directory saved by `datasets`.")
+    path: str = Field(
+        ...,
+        description="A .jsonl, .json or .parquet file, a directory saved by `datasets`, or (read through the tokenized "
+        "cache, see `cache`) a folder of such files, a glob (`data/part-*.jsonl`), or an `s3://` / `gs://` prefix of "
+        "them (read with the checkpoint storage's credentials and `checkpoint.endpoint`); files are read sorted by path.",
+    )
     format: Literal["text", "instruction", "chat"] = Field(
         "instruction",
         description="text: a `text` field, trained on whole. instruction: `instruction`, optional `input`, "
@@ -210,7 +215,8 @@ class DataSpec(_Section):
     eval_path: Optional[str] = Field(
         None,
         description="A held-out file (any format `path` accepts) whose loss is measured during training (see `eval`). "
-        "Exclusive with `eval_fraction`.",
+        "Shards, a glob or a prefix are read through their own tokenized cache (with `cache` not false; not with "
+        "`eval.generate`). Exclusive with `eval_fraction`.",
     )
     eval_fraction: Optional[float] = Field(
         None,
@@ -218,6 +224,22 @@ class DataSpec(_Section):
         lt=1.0,
         description="Hold out this fraction of the records of `path` for evaluation (floor of fraction x records, "
         "chosen by a permutation seeded by `training.seed`); held-out records never train. Exclusive with `eval_path`.",
+    )
+
+    cache: Union[Literal["auto"], bool] = Field(
+        "auto",
+        description="Tokenize once into a cache shared by the jobs on the same `checkpoint.storage` "
+        "(`<storage>/_cache/tokenized/<key>/`: Arrow shards keyed by the data files, tokenizer and every field that "
+        "changes a sample), built by Ray Data tasks on the cluster's CPUs (in the driver for under 32 MB of local "
+        "data), and read by the workers memory-mapped, so their memory does not grow with the dataset; same samples, "
+        "order and losses as without it. auto: on for a folder of files, a glob, an object-store prefix or a file of "
+        "256 MB or more. Not for a saved `datasets` folder (read in memory); `lorafleet data prepare` builds it ahead.",
+    )
+    on_bad_record: Literal["fail", "skip"] = Field(
+        "fail",
+        description="fail: the first bad record (unreadable JSON, a missing or empty field) stops the job before "
+        "training, naming its file and line. skip: bad records are left out; their count and first locations are in "
+        "the summary (`skipped_records`) and `metrics.jsonl`.",
     )
 
     @model_validator(mode="after")
@@ -575,7 +597,7 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     directory for `--set` values), so a spec means the same thing wherever `lorafleet` is run from."""
     data = raw.get("data")
     for key in ("path", "eval_path"):
-        if isinstance(data, dict) and isinstance(data.get(key), str):
+        if isinstance(data, dict) and isinstance(data.get(key), str) and "://" not in data[key]:
             data[key] = str((base / Path(data[key]).expanduser()).resolve())
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
@@ -588,6 +610,22 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         value = ckpt["storage"]
         if value.strip() and "://" not in value:
             ckpt["storage"] = str((base / Path(value).expanduser()).resolve())
+
+
+def _sharded_data(value: str, raw: dict) -> bool:
+    """Whether `data.path` names data the tokenized cache reads: an `s3://` / `gs://` prefix, a glob, or a local
+    folder of .jsonl/.json/.parquet files (not a `datasets` save), unless `data.cache` is false."""
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    if data.get("cache") is False:
+        return False
+    if re.match(r"^(s3|gs)://", value):
+        return True
+    if any(c in value for c in "*?["):
+        return True
+    folder = Path(value).expanduser()
+    return folder.is_dir() and not any((folder / n).exists() for n in ("dataset_info.json", "state.json",
+                                                                         "dataset_dict.json")) and any(
+        p.suffix in (".jsonl", ".json", ".parquet") for p in folder.rglob("*") if p.is_file())
 
 
 def _file_problems(raw: dict, invalid: list[Loc]) -> list[tuple[Loc, str]]:
@@ -609,6 +647,8 @@ def _file_problems(raw: dict, invalid: list[Loc]) -> list[tuple[Loc, str]]:
             continue
         field, data = ".".join(where), Path(value)
         saved = ("dataset_info.json", "state.json", "dataset_dict.json")
+        if _sharded_data(value, raw):
+            continue  # read through the tokenized cache, which lists (and checks) the files itself
         if not data.exists():
             problems.append((where, f"{field}: no such file or directory: {data}"))
         elif data.is_file() and data.suffix not in (".jsonl", ".json", ".parquet"):

@@ -12,7 +12,6 @@ environment ([`start_ray`]).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -24,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from pyarrow import fs
@@ -36,7 +34,10 @@ from lorafleet.compat.ray import (
     stop_child_processes,
     train_env,
 )
+from lorafleet.data.alora import Invocation
+from lorafleet.data.cache import build_cache, is_sharded, uses_cache
 from lorafleet.data.dataset import TrainingData
+from lorafleet.data.sources import data_fingerprint
 from lorafleet.model.build import load_tokenizer_for, resolve_base_model
 from lorafleet.runstore.checkpoint import INFO_FILE, expected_files
 from lorafleet.runstore.lease import RunLease
@@ -94,17 +95,23 @@ class RunSummary:
     base_contains: Optional[float] = None
     # Seconds per phase of the run's fixed cost (lorafleet.train.timings.PHASES), e.g. {"ray_start": 4.2, ...}.
     phases: dict[str, float] = field(default_factory=dict)
+    # With `data.on_bad_record: skip`: how many bad records were left out, and where the first few were.
+    skipped_records: Optional[int] = None
+    skipped_at: list[str] = field(default_factory=list)
+    # The tokenized cache the workers read (lorafleet.data.cache), when the job used one.
+    data_cache: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         if not out["stopped_early"]:
             out.pop("stopped_early")
-        for name in ("error", "eval_loss", "best_eval_loss", "best_step", "best_adapter_uri", "eval_exact_match",
-                     "eval_contains", "base_exact_match", "base_contains"):
+        for name in ("error", "skipped_records", "data_cache", "eval_loss", "best_eval_loss", "best_step",
+                     "best_adapter_uri", "eval_exact_match", "eval_contains", "base_exact_match", "base_contains"):
             if out[name] is None:
                 out.pop(name)
-        if not out["kernels_skipped"]:
-            out.pop("kernels_skipped")
+        for name in ("kernels_skipped", "skipped_at"):
+            if not out[name]:
+                out.pop(name)
         if out["status"] != "interrupted":
             out.pop("resume_step")
         if not out["already_complete"]:
@@ -121,13 +128,21 @@ class Prepared:
     data: TrainingData
 
 
-def prepare(spec: JobSpec) -> Prepared:
+def prepare(spec: JobSpec, address: Optional[str] = None, verbose: bool = False) -> Prepared:
     """Materialize the base model and tokenize the data once, on the driver: data errors surface before Ray starts,
     and the workers train on these samples rather than tokenizing again.
+
+    With the tokenized cache ([`~lorafleet.data.cache.uses_cache`]) the data is tokenized into (or found in) the
+    storage's cache instead, by Ray Data tasks unless it is small and local (Ray is then started first, with
+    `address` and `verbose` as [`start_ray`] takes them); the workers read the samples from the cache by index.
 
     Args:
         spec ([`~lorafleet.spec.JobSpec`]):
             The validated spec.
+        address (`str`, *optional*):
+            The Ray cluster to build the cache on ([`start_ray`]).
+        verbose (`bool`, *optional*, defaults to `False`):
+            Forward Ray's logs.
 
     Returns:
         [`Prepared`]: the base model location and the [`~lorafleet.data.dataset.TrainingData`].
@@ -144,63 +159,32 @@ def prepare(spec: JobSpec) -> Prepared:
 
     # Fingerprinted before reading: were the file to change in between, the checkpoints would claim the older
     # content, and the next submit would see a change rather than miss one.
-    source = data_fingerprint(spec.data.path)
+    source = data_fingerprint(spec.data.path, spec.checkpoint.endpoint)
     # The held-out set is part of what a checkpoint was made from: `eval_fraction` decides which records train,
     # and a best evaluation is only comparable on one held-out set (see preflight).
     if spec.data.eval_path is not None:
-        source["eval_path"] = data_fingerprint(spec.data.eval_path)
+        source["eval_path"] = data_fingerprint(spec.data.eval_path, spec.checkpoint.endpoint)
     if spec.data.eval_fraction is not None:
         source["eval_fraction"] = spec.data.eval_fraction
     # aLoRA: the invocation must tokenize to something, and every sample must contain it (or be dropped on request);
     # checked here so a bad invocation or bad data fails at submit time, never as a sample silently trained as base.
-    data = TrainingData.from_spec(spec, tokenizer, warn=True)
+    if uses_cache(spec):
+        invocation = Invocation.from_spec(spec, tokenizer, warn=True)
+        cache, report = build_cache(spec, tokenizer, source, invocation,
+                                    start_ray=lambda: start_ray(address, verbose))
+        eval_cache = None
+        if spec.data.eval_path is not None and is_sharded(spec.data.eval_path):
+            held_out = spec.model_copy(update={"data": spec.data.model_copy(update={"path": spec.data.eval_path})})
+            try:
+                eval_cache, _ = build_cache(held_out, tokenizer, source["eval_path"], invocation,
+                                            start_ray=lambda: start_ray(address, verbose))
+            except SpecError as exc:
+                raise SpecError(*(p.replace("data.path:", "data.eval_path:", 1) for p in exc.problems)) from None
+        data = TrainingData.from_cache(spec, tokenizer, cache, report, invocation, eval_cache)
+    else:
+        data = TrainingData.from_spec(spec, tokenizer, warn=True)
     data.source = source
     return Prepared(spec=spec, base=base, data=data)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def data_fingerprint(path: str | Path) -> dict[str, Any]:
-    """What identifies the content of a job's data: the size and sha256 of the data file, or of each file of a data
-    folder (a `datasets` save), by path inside it. Names of the file and folder do not count, so a copy (what a
-    remote job trains on) has the same fingerprint. Every checkpoint records it in `lorafleet.json` (`data`).
-
-    Hashing reads the data once more: ~0.1 s for 100 MB.
-
-    Args:
-        path (`str` or `Path`):
-            `data.path`.
-
-    Returns:
-        `dict`: `{"size": int, "sha256": str}` for a file; `{"files": {relative path: {"size", "sha256"}}}` for a
-        folder (files whose name starts with `.` left out).
-
-    Example:
-
-    ```python
-    >>> import tempfile
-    >>> folder = Path(tempfile.mkdtemp())
-    >>> _ = (folder / "train.jsonl").write_text('{"text": "hello"}')
-    >>> data_fingerprint(folder / "train.jsonl")["size"]
-    17
-    >>> list(data_fingerprint(folder)["files"])
-    ['train.jsonl']
-    ```
-    """
-    path = Path(path)
-    if path.is_file():
-        return {"size": path.stat().st_size, "sha256": _sha256(path)}
-    files = sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
-    return {"files": {p.relative_to(path).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
 
 
 def data_change(recorded: dict[str, Any], current: dict[str, Any]) -> Optional[str]:
@@ -706,7 +690,7 @@ def run_job(
     ```
     """
     clock = clock or PhaseClock()
-    prepared = prepare(spec)
+    prepared = prepare(spec, address, verbose)
     location = RunLocation.of(spec)
     preflight(prepared, location, fresh)  # storage that cannot be written, a re-submit over other data: refused
     # Taken before Ray starts: a second submit of the same run is refused here, having started nothing. Released
@@ -769,6 +753,10 @@ def _train(
     reader = threading.Thread(target=pump, name="lorafleet-progress", daemon=True)
     reader.start()
     summary = RunSummary(job=spec.name, status="succeeded")
+    report = getattr(prepared.data, "report", None) or {}
+    summary.skipped_records = report.get("skipped") or None
+    summary.skipped_at = list(report.get("skipped_at", []))
+    summary.data_cache = report.get("uri")
     interrupted = False
     try:
         result = fit_interruptibly(prepared, channel, step_hooks)

@@ -617,6 +617,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step == start_step:
             metrics.update(base_scores)
             metrics["kernels"] = dict(kernels.applied)
+            if data.report.get("skipped"):  # data.on_bad_record: skip; recorded once, in metrics.jsonl
+                metrics["skipped_records"] = data.report["skipped"]
+                metrics["skipped_at"] = list(data.report.get("skipped_at", []))
             if kernels.skipped:
                 metrics["kernels_skipped"] = kernels.reasons()
         publish(channel, metrics, ctx)

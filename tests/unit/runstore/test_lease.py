@@ -254,7 +254,7 @@ def test_s3_simultaneous_writers_resolve_to_one(s3_server):
 
 def test_run_job_refuses_a_held_run_before_ray_starts(tmp_path, monkeypatch):
     spec = load_spec(JOBS / "llama.yaml", [f"checkpoint.storage={tmp_path}", "name=held"])
-    monkeypatch.setattr(driver, "prepare", lambda spec: driver.Prepared(spec=spec, base="unused", data=None))
+    monkeypatch.setattr(driver, "prepare", lambda spec, *_: driver.Prepared(spec=spec, base="unused", data=None))
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for a refused run")
