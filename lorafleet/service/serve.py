@@ -124,7 +124,10 @@ def run_service(
     if os.environ.get("LORAFLEET_REMOTE_PYTHON"):
         env["LORAFLEET_REMOTE_PYTHON"] = os.environ["LORAFLEET_REMOTE_PYTHON"]
     try:
-        context = ray.init(address=address, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+        # "local": a new embedded instance even where `ray start` runs one on this machine (plain `ray.init()` would
+        # join it), as `lorafleet submit` does.
+        context = ray.init(address=address or "local", include_dashboard=True, dashboard_host="127.0.0.1",
+                           log_to_driver=False)
     except Exception as exc:  # noqa: BLE001 - any start/join failure is one line for the user
         raise ServiceError(f"--address {address or '(embedded)'}: cannot start or join Ray: "
                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None

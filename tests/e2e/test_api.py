@@ -279,3 +279,37 @@ def test_restart_while_a_job_runs_and_two_wait_in_priority_order(service):
     listed = json.loads(run_cli("list", "--address", cluster.address, "--json", env=cluster.client_env()).stdout)
     ids = [j["job_id"] for j in (listed if isinstance(listed, list) else listed.get("jobs", []))]
     assert [ids.count(job.id) for job in (first, high, low)] == [1, 1, 1]
+
+
+def test_embedded_service_serves_its_models_and_stops_cleanly(tmp_path, service):
+    """`lorafleet api` as a user starts it first: no `--address`, so its own Ray instance (while the module's cluster
+    runs on this machine); it answers the `openai` client, exits 0 on SIGTERM and leaves the other service alone."""
+    db = f"sqlite:///{tmp_path}/api.db"
+    created = run_cli("api", "keys", "create", "--tenant", "solo", "--db", db)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    log = tmp_path / "api.log"
+    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "api", "--port", str(port), "--db", db], cwd=REPO,
+                            env={**env, "LORAFLEET_HOME": str(tmp_path / "home")}, stdout=subprocess.DEVNULL,
+                            stderr=open(log, "w"))
+    try:
+        c = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=30)
+        deadline, models = time.monotonic() + 180, None
+        while models is None and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                models = [m.id for m in c.models.list()]
+            except openai.APIConnectionError:
+                time.sleep(1)
+        assert models is not None and "llama-demo" in models, log.read_text()[-3000:]
+        # The proxy answers a moment before `serve.run` returns; SIGTERM is the service's to handle once it says so.
+        while "API ready" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    assert code == 0, log.read_text()[-3000:]
+    # Its app has the same name as the module's service: on a shared cluster it would have replaced that one.
+    assert "llama-demo" in [m.id for m in client(service).models.list()]
