@@ -141,7 +141,9 @@ def main() -> None:
     from lorafleet.model.build import resolve_base_model
     from lorafleet.spec import load_spec
 
-    common = [f"training.steps={args.steps}", "checkpoint.keep=2", f"checkpoint.storage={storage}", *args.overrides]
+    # Without the default job's held-out evaluation: it runs at each checkpoint and would be billed to checkpointing.
+    common = [f"training.steps={args.steps}", "checkpoint.keep=2", f"checkpoint.storage={storage}",
+              "data.eval_fraction=null", "eval={}", *args.overrides]
     base_spec = load_spec(REPO / "jobs/llama.yaml", [*common, "name=bench-none", f"checkpoint.every_n_steps={args.steps + 1}"])
     ckpt_spec = load_spec(REPO / "jobs/llama.yaml", [*common, "name=bench-ckpt", f"checkpoint.every_n_steps={args.every}"])
     # Alternate the two so that load from other processes on the machine hits both alike; the first run also pays

@@ -52,6 +52,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs/llama.yaml"
+# The default job evaluates held-out records (loss and generated answers); TRL's side does not, so neither does ours.
+NO_EVAL = ["data.eval_fraction=null", "eval={}"]
 QUICK_STEPS = 20
 LAST_N = 10  # the final-loss average covers this many last steps
 VARIANTS = ("lorafleet", "trl")
@@ -355,7 +357,7 @@ def main(argv=None) -> int:
 
     rounds = args.rounds or (1 if args.quick else 2)
     steps = args.steps or (QUICK_STEPS if args.quick else None)
-    overrides = [*args.overrides, *([f"training.steps={steps}"] if steps else [])]
+    overrides = [*NO_EVAL, *args.overrides, *([f"training.steps={steps}"] if steps else [])]
     from lorafleet.model.build import resolve_base_model
     from lorafleet.spec import load_spec
 

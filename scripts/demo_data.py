@@ -44,71 +44,78 @@ song tent tide vine wave yard zinc
 
 # Two phrasings per task: enough variety that the model must read the instruction, few enough that the mapping
 # from instruction to rule is learnable in tens of steps.
-_TaskFn = Callable[[random.Random], tuple[str, Optional[str], str]]
+_TaskFn = Callable[[random.Random], tuple[str, Optional[str], str, str]]
 
 
 def _words(rng: random.Random, lo: int = 3, hi: int = 6) -> list[str]:
     return [rng.choice(WORDS) for _ in range(rng.randint(lo, hi))]
 
 
-def _reverse(rng: random.Random) -> tuple[str, Optional[str], str]:
+def _reverse(rng: random.Random) -> tuple[str, Optional[str], str, str]:
     words = _words(rng)
     instr = rng.choice(["Reverse the order of these words.", "Write these words in reverse order."])
-    return instr, " ".join(words), "Reversed: " + " ".join(reversed(words))
+    answer = " ".join(reversed(words))
+    return instr, " ".join(words), "Reversed: " + answer, answer
 
 
-def _upper(rng: random.Random) -> tuple[str, Optional[str], str]:
+def _upper(rng: random.Random) -> tuple[str, Optional[str], str, str]:
     words = _words(rng, 2, 5)
     instr = rng.choice(["Convert this text to uppercase.", "Write this in capital letters."])
-    return instr, " ".join(words), "In capitals: " + " ".join(words).upper()
+    answer = " ".join(words).upper()
+    return instr, " ".join(words), "In capitals: " + answer, answer
 
 
-def _sort_letters(rng: random.Random) -> tuple[str, Optional[str], str]:
+def _sort_letters(rng: random.Random) -> tuple[str, Optional[str], str, str]:
     word = rng.choice(WORDS)
     instr = rng.choice(["Sort the letters of this word alphabetically.", "Put the letters of this word in order."])
-    return instr, word, "Sorted letters: " + "".join(sorted(word))
+    answer = "".join(sorted(word))
+    return instr, word, "Sorted letters: " + answer, answer
 
 
-def _add(rng: random.Random) -> tuple[str, Optional[str], str]:
+def _add(rng: random.Random) -> tuple[str, Optional[str], str, str]:
     a, b = rng.randint(0, 99), rng.randint(0, 99)
     instr = rng.choice(["Add these two numbers.", "What is the sum?"])
-    return instr, f"{a} + {b}", f"{a} + {b} = {a + b}"
+    return instr, f"{a} + {b}", f"{a} + {b} = {a + b}", str(a + b)
 
 
-def _repeat(rng: random.Random) -> tuple[str, Optional[str], str]:
+def _repeat(rng: random.Random) -> tuple[str, Optional[str], str, str]:
     word, n = rng.choice(WORDS), rng.randint(2, 5)
     instr = rng.choice([f"Repeat the word {word} {n} times.", f"Say {word} {n} times."])
-    return instr, None, " ".join([word] * n)
+    answer = " ".join([word] * n)
+    return instr, None, answer, answer
 
 
-def _count(rng: random.Random) -> tuple[str, Optional[str], str]:
+def _count(rng: random.Random) -> tuple[str, Optional[str], str, str]:
     words = _words(rng, 1, 9)
     instr = rng.choice(["How many words are in this list?", "Count the words."])
-    return instr, " ".join(words), f"There are {len(words)} words."
+    return instr, " ".join(words), f"There are {len(words)} words.", str(len(words))
 
 
-def _initials(rng: random.Random) -> tuple[str, Optional[str], str]:
+def _initials(rng: random.Random) -> tuple[str, Optional[str], str, str]:
     words = _words(rng)
     instr = rng.choice(["Write the first letter of each word.", "Give the initials of these words."])
-    return instr, " ".join(words), "Initials: " + " ".join(w[0] for w in words)
+    answer = " ".join(w[0] for w in words)
+    return instr, " ".join(words), "Initials: " + answer, answer
 
 
-def _sort_words(rng: random.Random) -> tuple[str, Optional[str], str]:
+def _sort_words(rng: random.Random) -> tuple[str, Optional[str], str, str]:
     words = _words(rng)
     instr = rng.choice(["Sort these words alphabetically.", "Put these words in alphabetical order."])
-    return instr, " ".join(words), "Sorted: " + " ".join(sorted(words))
+    answer = " ".join(sorted(words))
+    return instr, " ".join(words), "Sorted: " + answer, answer
 
 
-def _spell(rng: random.Random) -> tuple[str, Optional[str], str]:
+def _spell(rng: random.Random) -> tuple[str, Optional[str], str, str]:
     word = rng.choice(WORDS)
     instr = rng.choice([f"Spell the word {word} with dashes.", f"Spell out {word} letter by letter."])
-    return instr, None, "-".join(word)
+    answer = "-".join(word)
+    return instr, None, answer, answer
 
 
-def _largest(rng: random.Random) -> tuple[str, Optional[str], str]:
+def _largest(rng: random.Random) -> tuple[str, Optional[str], str, str]:
     nums = [rng.randint(0, 999) for _ in range(rng.randint(3, 6))]
     instr = rng.choice(["Which number is the largest?", "Find the biggest number."])
-    return instr, " ".join(map(str, nums)), f"The largest is {max(nums)}."
+    return instr, " ".join(map(str, nums)), f"The largest is {max(nums)}.", str(max(nums))
 
 
 TASKS: dict[str, _TaskFn] = {
@@ -147,12 +154,59 @@ def task_records(n: int = NUM_TASKS, seed: int = SEED) -> list[dict]:
     names = list(TASKS)
     records = []
     for i in range(n):
-        instruction, inp, output = TASKS[names[i % len(names)]](rng)
+        instruction, inp, output, _ = TASKS[names[i % len(names)]](rng)
         record = {"instruction": instruction}
         if inp is not None:
             record["input"] = inp
         record["output"] = output
         records.append(record)
+    return records
+
+
+# How `plain_task_records` lays a record out: (prompt with an input, prompt without one, text before the answer).
+# None of them is the default job's instruction template, and none puts the job's prefixes ("Reversed: ") before an
+# answer; the last two carry the newlines, "###" headers and "Input:" lines that such templates are made of.
+PLAIN_STYLES = {
+    "plain": ("{instruction} | {input} =", "{instruction} =", " "),
+    "task": ("Task: {instruction}\nInput: {input}\nAnswer:", "Task: {instruction}\nAnswer:", " "),
+    "markdown": ("### {instruction}\n\n{input}\n\n### Answer\n", "### {instruction}\n\n### Answer\n", ""),
+}
+
+
+def plain_task_records(n: int, seed: int, styles: tuple[str, ...] = ("plain",)) -> list[dict]:
+    """The same tasks without the default job's template and answer prefixes, for pretraining the demo base.
+
+    The answer is the bare result (`"c b a"`, not `"Reversed: c b a"`), so a model pretrained on these knows the
+    skills but not the instruction format the default job's adapter teaches.
+
+    Args:
+        n (`int`): How many records.
+        seed (`int`): Seed of the record generator.
+        styles (`tuple[str, ...]`, *optional*, defaults to `("plain",)`): Layouts from `PLAIN_STYLES`, taken in turn
+            (record i gets `styles[i % len(styles)]`); `plain` is `"<instruction> | <input> = <answer>"`.
+
+    Returns:
+        `list[dict]`: Records with `task`, `style`, `prompt` and `answer` (the text that follows the prompt).
+
+    Example:
+
+    ```python
+    >>> from demo_data import plain_task_records
+    >>> plain_task_records(1, seed=0)[0]["prompt"].endswith(" =")
+    True
+    >>> plain_task_records(2, seed=0, styles=("plain", "markdown"))[1]["prompt"].startswith("### ")
+    True
+    ```
+    """
+    rng = random.Random(seed)
+    names = list(TASKS)
+    records = []
+    for i in range(n):
+        instruction, inp, _, answer = TASKS[names[i % len(names)]](rng)
+        style = styles[i % len(styles)]
+        with_input, without_input, lead = PLAIN_STYLES[style]
+        prompt = (without_input if inp is None else with_input).format(instruction=instruction, input=inp)
+        records.append({"task": names[i % len(names)], "style": style, "prompt": prompt, "answer": lead + answer})
     return records
 
 
@@ -186,7 +240,7 @@ def chat_records(n: int = NUM_CHAT, seed: int = SEED + 1) -> list[dict]:
     names = list(TASKS)
     records = []
     for i in range(n):
-        instruction, inp, output = TASKS[names[i % len(names)]](rng)
+        instruction, inp, output, _ = TASKS[names[i % len(names)]](rng)
         messages = []
         if rng.random() < 0.3:
             messages.append({"role": "system", "content": rng.choice(_SYSTEMS)})

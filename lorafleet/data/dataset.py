@@ -92,12 +92,13 @@ class TrainingData:
     ```python
     >>> from lorafleet.data.tokenizer import load_tokenizer
     >>> from lorafleet.spec import load_spec
-    >>> data = TrainingData.from_spec(load_spec("jobs/llama.yaml"), load_tokenizer())
+    >>> data = TrainingData.from_spec(load_spec("jobs/llama.yaml", ["data.eval_fraction=null", "eval={}"]),
+    ...                               load_tokenizer())
     >>> len(data.samples) == len(data.targets), data.invocation_tokens, data.eval_samples
     (True, None, [])
-    >>> held_out = TrainingData.from_spec(load_spec("jobs/llama.yaml", ["data.eval_fraction=0.1"]), load_tokenizer())
+    >>> held_out = TrainingData.from_spec(load_spec("jobs/llama.yaml"), load_tokenizer())  # data.eval_fraction: 0.05
     >>> len(held_out.samples), len(held_out.eval_samples)
-    (2700, 300)
+    (2850, 150)
     ```
     """
 

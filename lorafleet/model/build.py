@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+from lorafleet.bases import BASES_DIR, builtin_bases
 from lorafleet.compat.accelerate import unwrap_without_deepspeed
 from lorafleet.compat.bitsandbytes import disable_cpu_repack, import_uncompiled
 from lorafleet.compat.transformers import refuses_sdpa
@@ -38,7 +39,7 @@ def _assets_fingerprint() -> str:
     digest = hashlib.sha256()
     assets = Path(__file__).resolve().parent.parent / "assets"
     for file in sorted(assets.rglob("*")) if assets.is_dir() else []:
-        if file.is_file():
+        if file.is_file() and BASES_DIR not in file.parents:
             digest.update(file.name.encode())
             digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
@@ -128,11 +129,76 @@ def materialize(model: ModelSpec, root: Optional[Path] = None) -> Path:
     return target
 
 
+def materialize_builtin(name: str, root: Optional[Path] = None) -> Path:
+    """Copy the shipped base `name` (see [`~lorafleet.bases.builtin_bases`]) into a model directory with lorafleet's
+    tokenizer, once, after checking its weights against the manifest's sha256.
+
+    Every node materializes it from its own installed package, so nothing a worker loads lives only on the driver's
+    disk; the checksum makes sure every node trains on the same weights.
+
+    Args:
+        name (`str`):
+            The `model.builtin` value.
+        root (`Path`, *optional*):
+            Cache folder. Defaults to `$LORAFLEET_HOME/models`.
+
+    Returns:
+        `Path`: A directory with `config.json`, the weights and the tokenizer.
+
+    Raises:
+        `ValueError`: The shipped weights do not match their manifest (a damaged install or a git LFS pointer).
+
+    Example:
+
+    ```python
+    >>> path = materialize_builtin("tasks-llama")
+    >>> path.name.startswith("tasks-llama-"), (path / "tokenizer.json").exists()
+    (True, True)
+    ```
+    """
+    base = builtin_bases()[name]
+    root = Path(root) if root is not None else lorafleet_home() / "models"
+    target = root / f"{name}-{base.sha256[:12]}-{_assets_fingerprint()[:8]}"
+    if (target / "config.json").exists():
+        return target
+    weights = base.folder / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if digest != base.sha256:
+        raise ValueError(f"model.builtin: the shipped weights {weights} are damaged (sha256 {digest[:12]}, the "
+                         f"manifest says {base.sha256[:12]}); reinstall lorafleet")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    try:
+        shutil.copyfile(base.folder / "config.json", tmp / "config.json")
+        shutil.copyfile(weights, tmp / "model.safetensors")
+        load_tokenizer().save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first; its copy is identical
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 def resolve_base_model(spec: JobSpec) -> str:
-    """The directory or hub id the workers load: `model.name_or_path`, or the materialized `model.architecture`."""
+    """The directory or hub id the workers load: `model.name_or_path`, or the materialized `model.builtin` or
+    `model.architecture`."""
     if spec.model.name_or_path is not None:
         return spec.model.name_or_path
+    if spec.model.builtin is not None:
+        return str(materialize_builtin(spec.model.builtin))
     return str(materialize(spec.model))
+
+
+def local_base(spec: JobSpec, base: str) -> str:
+    """`base` as this node can load it: the driver's materialized directory when this node sees it, else the same
+    model materialized here (another node of a cluster without a shared folder). Hub ids and user directories are
+    returned as given."""
+    if spec.model.name_or_path is not None or Path(base).is_dir():
+        return base
+    return resolve_base_model(spec)
 
 
 def load_tokenizer_for(base: str, trust_remote_code: bool = False):
@@ -193,7 +259,8 @@ def load_base_model(spec: JobSpec, base: str, device: torch.device | str = "cpu"
     ```python
     >>> from lorafleet.spec import load_spec
     >>> from lorafleet.compat.transformers import attention_interface
-    >>> spec = load_spec("jobs/llama.yaml", ["model.architecture=gemma2", "model.config.num_hidden_layers=1"])
+    >>> spec = load_spec("jobs/llama.yaml", ["model.builtin=null", "model.architecture=gemma2",
+    ...                                         "model.config.num_hidden_layers=1"])
     >>> model = load_base_model(spec, resolve_base_model(spec))
     >>> attention_interface(model.model.layers[0].self_attn).__name__
     'eager_attention_forward'

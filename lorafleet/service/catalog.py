@@ -54,7 +54,7 @@ def load_catalog(path: Optional[str | Path] = None) -> dict[str, BaseModel]:
     ```python
     >>> catalog = load_catalog()
     >>> sorted(catalog), catalog["llama-demo"].spec["model"]["architecture"]
-    (['llama-demo'], 'llama')
+    (['llama-demo', 'tasks-llama'], 'llama')
     ```
     """
     file = Path(path) if path is not None else DEFAULT_MODELS

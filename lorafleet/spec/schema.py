@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lorafleet.bases import builtin_bases
 from lorafleet.constants import GENERATION_METRICS, GROUP_WINDOW
 from lorafleet.families import FAMILY_NAMES
 
@@ -101,7 +102,13 @@ class _Section(BaseModel):
 class ModelSpec(_Section):
     name_or_path: Optional[str] = Field(
         None,
-        description="A local model directory (with config.json) or a Hugging Face hub id. Exclusive with `architecture`.",
+        description="A local model directory (with config.json) or a Hugging Face hub id. Exclusive with `architecture` "
+        "and `builtin`.",
+    )
+    builtin: Optional[str] = Field(
+        None,
+        description="A base model shipped inside lorafleet: `tasks-llama` (4M parameters, pretrained on the demo tasks' "
+        "skills by scripts/build_demo_base.py; the default job's base). Exclusive with `name_or_path` and `architecture`.",
     )
     architecture: Optional[Literal[FAMILY_NAMES]] = Field(  # type: ignore[valid-type]
         None,
@@ -122,10 +129,18 @@ class ModelSpec(_Section):
 
     _dtype = field_validator("dtype", mode="before")(_dtype)
 
+    @field_validator("builtin")
+    @classmethod
+    def _shipped(cls, value: Optional[str]) -> Optional[str]:
+        shipped = builtin_bases()
+        if value is not None and value not in shipped:
+            raise ValueError(f"unknown built-in base '{value}' (lorafleet ships: {', '.join(sorted(shipped))})")
+        return value
+
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
-        if (self.name_or_path is None) == (self.architecture is None):
-            raise ValueError("give exactly one of `name_or_path` or `architecture`")
+        if sum(v is not None for v in (self.name_or_path, self.architecture, self.builtin)) != 1:
+            raise ValueError("give exactly one of `name_or_path`, `architecture` or `builtin`")
         if self.config and self.architecture is None:
             raise ValueError("`config` overrides need `architecture`")
         return self
@@ -814,8 +829,8 @@ def load_spec(
 
     ```python
     >>> spec = load_spec("jobs/llama.yaml", ["training.steps=50"])
-    >>> spec.training.steps, spec.model.architecture
-    (50, 'llama')
+    >>> spec.training.steps, spec.model.builtin
+    (50, 'tasks-llama')
     ```
     """
     if raw is None:

@@ -753,7 +753,7 @@ def _train(
     reader = threading.Thread(target=pump, name="lorafleet-progress", daemon=True)
     reader.start()
     summary = RunSummary(job=spec.name, status="succeeded")
-    report = getattr(prepared.data, "report", None) or {}
+    report = prepared.data.report
     summary.skipped_records = report.get("skipped") or None
     summary.skipped_at = list(report.get("skipped_at", []))
     summary.data_cache = report.get("uri")

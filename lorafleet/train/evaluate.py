@@ -200,9 +200,9 @@ def generation_metrics(model, tokenizer, records: Sequence[dict], spec: JobSpec,
     >>> config = family_config("llama", len(tokenizer), {"hidden_size": 32, "intermediate_size": 64,
     ...                        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1})
     >>> model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=2, target_modules=["q_proj"]))
-    >>> spec = load_spec("jobs/llama.yaml", ["data.eval_fraction=0.1", "eval.generate.max_new_tokens=4"])
+    >>> spec = load_spec("jobs/llama.yaml", ["eval.generate.max_new_tokens=4"])  # metrics: [exact_match]
     >>> generation_metrics(model, tokenizer, [{"instruction": "Say sun 2 times.", "output": "sun sun"}], spec)
-    {'eval_exact_match': 0.0, 'eval_contains': 0.0}
+    {'eval_exact_match': 0.0}
     ```
     """
     generate = spec.eval.generate

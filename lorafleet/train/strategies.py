@@ -236,7 +236,8 @@ def deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
 
     ```python
     >>> from lorafleet.spec import load_spec
-    >>> spec = load_spec("jobs/llama.yaml", ["scaling.strategy=deepspeed", "scaling.zero_stage=3"])
+    >>> spec = load_spec("jobs/llama.yaml", ["scaling.strategy=deepspeed", "scaling.zero_stage=3",
+    ...                                         "eval.generate=null"])  # rank 0 holds a shard: no generation
     >>> deepspeed_config(spec, world_size=2)["zero_optimization"]["stage"]
     3
     ```

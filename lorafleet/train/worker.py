@@ -34,7 +34,7 @@ import torch.distributed as dist
 from lorafleet.data.batching import collate
 from lorafleet.data.dataset import TrainingData
 from lorafleet.data.plan import BatchPlan
-from lorafleet.model.build import build_model, load_tokenizer_for
+from lorafleet.model.build import build_model, load_tokenizer_for, local_base
 from lorafleet.model.device import torch_dtype
 from lorafleet.runstore.checkpoint import (
     checkpoint_problem,
@@ -565,7 +565,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(spec.training.seed, ctx.rank)
     data = inputs.data
     plan = data.plan(spec)
-    model, kernels = build_model(spec, inputs.base, ctx.device, invocation_tokens=data.invocation_tokens)
+    base = local_base(spec, inputs.base)
+    model, kernels = build_model(spec, base, ctx.device, invocation_tokens=data.invocation_tokens)
     clock.lap("worker_model")
     strategy = make_strategy(model, spec, ctx.device, kernels)
     channel = inputs.channel
@@ -588,7 +589,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # `eval.generate` scores on rank 0 alone; before the first step too, as the base model's score (LoRA's B starts
     # at zero, so the adapter adds nothing yet).
     generating = spec.eval.generate is not None and ctx.rank == 0
-    tokenizer = load_tokenizer_for(inputs.base, spec.model.trust_remote_code) if generating else None
+    tokenizer = load_tokenizer_for(base, spec.model.trust_remote_code) if generating else None
     base_scores: dict[str, float] = {}
     if tokenizer is not None and start_step == 0 and not finished:
         base_scores = generation_metrics(strategy.peft_model, tokenizer, data.eval_records, spec, prefix="base_")

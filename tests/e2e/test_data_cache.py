@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.cli import JOBS, run_cli, submit_small
+from helpers.cli import JOBS, run_cli, submit_small, TEST_JOB
 from helpers.runs import adapter, losses, records
 
 pytestmark = pytest.mark.usefixtures("joined_ray")
@@ -102,15 +102,15 @@ def test_data_prepare_builds_the_same_cache_with_ray_data(tmp_path, data, cached
     args = [a for s in sets for a in ("--set", s)]
     # Every file in several chunks, all tokenized by Ray Data tasks on the joined cluster.
     env = {"LORAFLEET_CACHE_INLINE_BYTES": "0", "LORAFLEET_CACHE_CHUNK_BYTES": "20000"}
-    proc = run_cli("data", "prepare", "jobs/llama.yaml", "--json", *args, env=env)
+    proc = run_cli("data", "prepare", "tests/jobs/llama.yaml", "--json", *args, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["engine"] == "ray-data" and not report["reused"]
     assert (report["records"], report["skipped"]) == (2998, 2)
     assert report["key"] == Path(cached_runs[1][1]["data_cache"]).name  # the inline build's key: same cache
     assert "cache built in" in proc.stderr and "INFO" not in proc.stderr
-    spec = load_spec(JOBS / "llama.yaml", [f"data.path={data['file']}", *SMALL_RUN, *COMMON])
+    spec = load_spec(TEST_JOB, [f"data.path={data['file']}", *SMALL_RUN, *COMMON])
     memory = TrainingData.from_spec(spec, load_tokenizer_for(resolve_base_model(spec)))
     assert list(CachedSamples(TokenCache(report["uri"]))) == list(memory.samples)
-    again = run_cli("data", "prepare", "jobs/llama.yaml", "--json", *args, env=env)
+    again = run_cli("data", "prepare", "tests/jobs/llama.yaml", "--json", *args, env=env)
     assert json.loads(again.stdout.strip().splitlines()[-1])["reused"] is True

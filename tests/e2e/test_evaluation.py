@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.cli import JOBS, SMALL_RUN, run_cli, submit_small
+from helpers.cli import JOBS, run_cli, SMALL_RUN, submit_small, TEST_JOB
 
 from lorafleet.constants import IGNORE_INDEX
 from lorafleet.model.build import build_model
@@ -134,7 +134,7 @@ def test_two_worker_eval_loss_is_the_single_process_one_and_plain_peft(runs, str
     _, summary = ddp if strategy == "ddp" else zero3
     assert sorted(r["step"] for r in records(storage, summary["job"]) if "eval_loss" in r) == [2, 3, 4, 6]
     # The spec the run had, but evaluated here in one process with the plain (DDP-less) strategy.
-    spec = load_spec(JOBS / "llama.yaml", ["name=with-eval", f"checkpoint.storage={storage}", *SMALL_RUN,
+    spec = load_spec(TEST_JOB, ["name=with-eval", f"checkpoint.storage={storage}", *SMALL_RUN,
                                            f"data.eval_path={held_out}", *EVAL])
     prepared = prepare(spec)
     data = prepared.data
@@ -226,7 +226,7 @@ def test_keep_best_keeps_the_best_checkpoint_and_the_latest_when_later_ones_are_
     shown = json.loads(report.stdout)
     assert (shown["best_adapter_uri"], shown["stopped_early"], shown["steps"]) == (summary["best_adapter_uri"], True, 5)
     # The best checkpoint holds step 2's adapter: its held-out loss is the one measured at step 2.
-    spec = load_spec(JOBS / "llama.yaml", ["name=early", f"checkpoint.storage={storage}", *SMALL_RUN, *EARLY])
+    spec = load_spec(TEST_JOB, ["name=early", f"checkpoint.storage={storage}", *SMALL_RUN, *EARLY])
     prepared = prepare(spec)
     model, kernels = build_model(spec, prepared.base, CPU, invocation_tokens=prepared.data.invocation_tokens)
     strategy = make_strategy(model, spec, CPU, kernels)

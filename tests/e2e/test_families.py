@@ -16,7 +16,7 @@ import pytest
 
 from lorafleet.families import FAMILY_NAMES
 
-from helpers.cli import JOBS, run_cli
+from helpers.cli import run_cli, TEST_JOB
 
 # The cheapest job that still builds, trains, checkpoints and reports: one decoder layer (its attention, MLP and the
 # fused loss on the LM head), two steps, one checkpoint, one worker.
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("joined_ray")
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_family_trains_through_submit(family, tmp_path):
     sets = [f"name=family-{family}", f"model.architecture={family}", f"checkpoint.storage={tmp_path}", *TINY]
-    result = run_cli("submit", str(JOBS / "llama.yaml"), "--json", *(a for s in sets for a in ("--set", s)))
+    result = run_cli("submit", str(TEST_JOB), "--json", *(a for s in sets for a in ("--set", s)))
     lines = result.stdout.strip().splitlines()
     assert lines, f"{family}: no summary (exit {result.returncode}):\n{result.stderr[-3000:]}"
     summary = json.loads(lines[-1])

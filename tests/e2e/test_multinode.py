@@ -12,7 +12,7 @@ import json
 import pytest
 import requests
 
-from helpers.cli import JOBS, run_cli
+from helpers.cli import run_cli, TEST_JOB
 from helpers.ray_cluster import LocalRayCluster
 
 
@@ -38,7 +38,7 @@ def test_two_workers_on_two_nodes(two_nodes, tmp_path):
     env = two_nodes.client_env()
     result = run_cli(
         "submit",
-        str(JOBS / "llama.yaml"),
+        str(TEST_JOB),
         *[a for s in ["name=multinode", "training.steps=3", "training.warmup=1", "kernels.enabled=false",
                       "checkpoint.every_n_steps=3", "scaling.num_workers=2"] for a in ("--set", s)],
         "--address", two_nodes.address, "--wait", "--json", env=env,

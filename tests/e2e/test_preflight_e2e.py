@@ -57,7 +57,7 @@ def train_controllers(cluster: LocalRayCluster) -> list[dict]:
 def submit(name: str, storage, *sets: str, flags: tuple[str, ...] = (), env: dict | None = None):
     """`lorafleet submit jobs/llama.yaml --json FLAGS` with the small run's overrides (`submit_small` with flags)."""
     args = [a for s in [f"name={name}", f"checkpoint.storage={storage}", *SMALL_RUN, *sets] for a in ("--set", s)]
-    proc = run_cli("submit", "jobs/llama.yaml", "--json", *flags, *args, env=env)
+    proc = run_cli("submit", "tests/jobs/llama.yaml", "--json", *flags, *args, env=env)
     lines = proc.stdout.strip().splitlines()
     return proc, json.loads(lines[-1]) if lines else {}
 

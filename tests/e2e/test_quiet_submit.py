@@ -4,7 +4,7 @@ token-authentication banner, no library warnings."""
 
 import pytest
 
-from helpers.cli import JOBS, run_cli
+from helpers.cli import run_cli, TEST_JOB
 from helpers.console import foreign_lines
 
 
@@ -13,7 +13,7 @@ def test_a_small_submit_shows_only_lorafleets_lines(tmp_path):
     storage = tmp_path / "runs"
     # A fresh home, so the run materializes its base model (the save that used to import DeepSpeed).
     result = run_cli(
-        "submit", str(JOBS / "llama.yaml"),
+        "submit", str(TEST_JOB),
         "--set", "training.steps=3", "--set", "training.warmup=1", "--set", "checkpoint.every_n_steps=3",
         "--set", f"checkpoint.storage={storage}",
         env={"LORAFLEET_HOME": str(tmp_path / "home")},

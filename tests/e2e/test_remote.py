@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers.cli import JOBS, one_line_error, run_cli, sweep_args
+from helpers.cli import one_line_error, run_cli, sweep_args, TEST_JOB
 from helpers.ray_cluster import LocalRayCluster
 
 FAST = ["training.steps=4", "training.warmup=1", "kernels.enabled=false", "checkpoint.every_n_steps=4"]
@@ -49,7 +49,7 @@ def finished(cluster):
     scraper.start()
     started = time.monotonic()
     result = run_cli("submit", 
-        str(JOBS / "llama.yaml"), *[a for s in FAST + ["name=remote-e2e"] for a in ("--set", s)],
+        str(TEST_JOB), *[a for s in FAST + ["name=remote-e2e"] for a in ("--set", s)],
         "--address", cluster.address, "--wait", "--json", env=cluster.client_env(),
     )
     scraper.stop.set()
@@ -138,7 +138,7 @@ def test_unknown_job_and_refused_token_are_one_line(cluster, finished, tmp_path)
     assert "refused the auth token" in one_line_error(run_cli("list", "--address", cluster.address, env=bad))
     # A spec that cannot be shipped is refused before anything is submitted.
     (tmp_path / "config.json").write_text("{}")
-    line = one_line_error(run_cli("submit", str(JOBS / "llama.yaml"), "--set", f"model.name_or_path={tmp_path}",
+    line = one_line_error(run_cli("submit", str(TEST_JOB), "--set", f"model.name_or_path={tmp_path}",
                                      "--set", "model.architecture=null", "--set", "model.config={}",
                                      "--address", cluster.address, env=env))
     assert "model.name_or_path" in line and "not shipped" in line
@@ -146,7 +146,7 @@ def test_unknown_job_and_refused_token_are_one_line(cluster, finished, tmp_path)
 
 def test_submit_without_wait_then_stop(cluster, finished):
     env = cluster.client_env()
-    result = run_cli("submit", str(JOBS / "llama.yaml"), "--set", "name=remote-stop", "--set", "training.steps=500",
+    result = run_cli("submit", str(TEST_JOB), "--set", "name=remote-stop", "--set", "training.steps=500",
                         "--address", cluster.address, env=env)
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip()

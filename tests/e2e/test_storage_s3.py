@@ -30,7 +30,7 @@ from helpers.s3_server import SECRET_KEY
 @pytest.fixture(scope="module")
 def s3_run(s3_server, tmp_path_factory):
     prefix = "runs/team-a"
-    args = [sys.executable, "-m", "lorafleet.cli", "submit", "jobs/llama.yaml", "--json", "--verbose"]
+    args = [sys.executable, "-m", "lorafleet.cli", "submit", "tests/jobs/llama.yaml", "--json", "--verbose"]
     for item in ["name=s3-job", f"checkpoint.storage=s3://{s3_server.bucket}/{prefix}", *SMALL_RUN]:
         args += ["--set", item]
     snapshot = f"/{s3_server.bucket}/{prefix}/s3-job/checkpoint_manager_snapshot.json"

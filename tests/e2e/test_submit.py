@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from helpers.cli import JOBS, run_cli
+from helpers.cli import JOBS, run_cli, TEST_JOB
 from lorafleet.train.timings import PHASES
 
 
@@ -29,12 +29,17 @@ def default_run(tmp_path_factory):
 def test_default_job_learns(default_run):
     summary, _, result = default_run
     assert summary["status"] == "succeeded"
-    assert summary["steps"] == 120 and summary["start_step"] == 0
-    # Random-init base: the first loss is ~ln(vocab) = 7.6; the adapter must take a clear bite out of it.
-    assert summary["first_loss"] > 7.0
-    assert summary["final_loss"] < summary["first_loss"] - 1.5, summary
+    assert summary["steps"] == 480 and summary["start_step"] == 0
+    assert summary["final_loss"] < summary["first_loss"] - 3.0, summary
+    # The shipped base knows the skills but not the instruction format: its greedy answers to the held-out prompts are
+    # (nearly) never right; the adapter's are right far more often (40% measured in bf16; the floor leaves room for
+    # fp32 CPUs and another machine's rounding).
+    assert summary["base_exact_match"] <= 0.1, summary
+    assert summary["eval_exact_match"] >= 0.25, summary
+    assert summary["eval_loss"] < 2.0 and summary["best_eval_loss"] <= summary["eval_loss"], summary
+    assert "held-out answers: exact match" in result.stderr
     assert summary["tokens_per_s"] > 0
-    assert "step 120/120" in result.stderr
+    assert "step 480/480" in result.stderr
     assert "Traceback" not in result.stderr
     # Where the fixed cost went (lorafleet.train.timings): every phase timed, none longer than the command.
     phases = summary["phases"]
@@ -57,10 +62,10 @@ def test_checkpoint_is_adapter_only(default_run):
     assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k), "some lora_B never trained"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 16 and Path(config["base_model_name_or_path"], "config.json").exists()
-    # keep: 2 and every_n_steps: 40 over 120 steps -> checkpoints at 80 and 120 survive.
+    # keep: 2 of the checkpoints at 120, 240, 360 and 480, ranked by held-out loss, plus the latest: the best survives.
     checkpoints = sorted(p for p in adapter.parent.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
     steps = sorted(json.loads((p / "lorafleet.json").read_text())["step"] for p in checkpoints)
-    assert steps == [80, 120]
+    assert 480 in steps and summary["best_step"] in steps and len(steps) in (2, 3), (steps, summary["best_step"])
 
 
 def test_adapter_loads_with_plain_peft_in_a_fresh_process(default_run):
@@ -116,8 +121,8 @@ def test_ddp_matches_single_worker_with_same_global_batch(tmp_path):
         "data.group_by_length=true",
     ]
     try:
-        two = _curve(load_spec(JOBS / "llama.yaml", common + ["name=ddp2", "scaling.num_workers=2", "training.grad_accum=1", f"checkpoint.storage={tmp_path}"]))
-        one = _curve(load_spec(JOBS / "llama.yaml", common + ["name=ddp1", "scaling.num_workers=1", "training.grad_accum=2", f"checkpoint.storage={tmp_path}"]))
+        two = _curve(load_spec(TEST_JOB, common + ["name=ddp2", "scaling.num_workers=2", "training.grad_accum=1", f"checkpoint.storage={tmp_path}"]))
+        one = _curve(load_spec(TEST_JOB, common + ["name=ddp1", "scaling.num_workers=1", "training.grad_accum=2", f"checkpoint.storage={tmp_path}"]))
     finally:
         ray.shutdown()
     assert len(one) == len(two) == 6

@@ -13,6 +13,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 JOBS = REPO / "jobs"
+# The suite's own job (a random-weights base built from a config, no evaluation): see tests/jobs/llama.yaml.
+TEST_JOB = REPO / "tests" / "jobs" / "llama.yaml"
 FAULTY_CLI = Path(__file__).with_name("faulty_cli.py")
 
 # Overrides that shrink the default job to a few seconds of training: enough to exercise checkpoints, resume and
@@ -60,7 +62,7 @@ def submit_small(
     the process and the JSON summary (`{}` when nothing was printed)."""
     sets = [f"name={name}", f"checkpoint.storage={storage}", *SMALL_RUN, *overrides]
     args = [a for s in sets for a in ("--set", s)]
-    proc = run_cli("submit", "jobs/llama.yaml", "--json", *args, env=env, timeout=600, faults=faults)
+    proc = run_cli("submit", "tests/jobs/llama.yaml", "--json", *args, env=env, timeout=600, faults=faults)
     lines = proc.stdout.strip().splitlines()
     return proc, json.loads(lines[-1]) if lines else {}
 
@@ -74,7 +76,7 @@ class Submitted:
                  faults: Sequence[str] = ()):
         self.name = name
         sets = [f"name={name}", f"checkpoint.storage={storage}", *(SMALL_RUN if small else []), *overrides]
-        args = [*_command(faults), "submit", "jobs/llama.yaml", "--json"]
+        args = [*_command(faults), "submit", "tests/jobs/llama.yaml", "--json"]
         args += [a for s in sets for a in ("--set", s)]
         self.proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)

@@ -216,7 +216,7 @@ def test_submit_refuses_bad_data_before_ray_starts(tmp_path, kind):
     path = build(tmp_path)
     storage = tmp_path / "runs"
     sets = [*SMALL_RUN, "name=bad-data", f"checkpoint.storage={storage}", f"data.path={path}"]
-    result = run_cli("submit", "jobs/llama.yaml", *[a for s in sets for a in ("--set", s)], timeout=300)
+    result = run_cli("submit", "tests/jobs/llama.yaml", *[a for s in sets for a in ("--set", s)], timeout=300)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -10,7 +10,7 @@ import pickle
 from pathlib import Path
 
 import pytest
-from helpers.cli import JOBS
+from helpers.cli import JOBS, TEST_JOB
 
 from lorafleet.data import sources
 from lorafleet.data.alora import Invocation
@@ -25,11 +25,11 @@ TASKS = JOBS / "data" / "tasks.jsonl"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer_for(resolve_base_model(load_spec(JOBS / "llama.yaml")))
+    return load_tokenizer_for(resolve_base_model(load_spec(TEST_JOB)))
 
 
-def spec_for(storage, *overrides, job="llama.yaml"):
-    return load_spec(JOBS / job, [f"checkpoint.storage={storage}", "data.cache=true", *overrides])
+def spec_for(storage, *overrides, job=None):
+    return load_spec(JOBS / job if job else TEST_JOB, [f"checkpoint.storage={storage}", "data.cache=true", *overrides])
 
 
 def cached(spec, tokenizer):
@@ -185,12 +185,12 @@ def test_s3_prefix_source_and_storage(s3_server, tmp_path, tokenizer, monkeypatc
     for shard in split_into_shards(TASKS, tmp_path / "shards"):
         s3_server.client.upload_file(str(shard), s3_server.bucket, f"data/{shard.name}")
     prefix = f"s3://{s3_server.bucket}/data/"
-    spec = load_spec(JOBS / "llama.yaml", [f"checkpoint.storage=s3://{s3_server.bucket}/runs", f"data.path={prefix}"])
+    spec = load_spec(TEST_JOB, [f"checkpoint.storage=s3://{s3_server.bucket}/runs", f"data.path={prefix}"])
     assert uses_cache(spec)  # auto: an object-store prefix
     data, report = cached(spec, tokenizer)
     assert report.uri.startswith(f"s3://{s3_server.bucket}/runs/_cache/tokenized/")
     assert any(key.startswith("runs/_cache/tokenized/") for key in s3_server.keys())
-    one = TrainingData.from_spec(load_spec(JOBS / "llama.yaml"), tokenizer)
+    one = TrainingData.from_spec(load_spec(TEST_JOB), tokenizer)
     assert list(data.samples) == list(one.samples)
     # A worker elsewhere: opens the cache by its URI, copies the shards to its own disk once.
     reopened = CachedSamples(TokenCache(report.uri))
@@ -199,9 +199,9 @@ def test_s3_prefix_source_and_storage(s3_server, tmp_path, tokenizer, monkeypatc
 
 
 def test_default_job_stays_in_memory(tmp_path, tokenizer):
-    assert not uses_cache(load_spec(JOBS / "llama.yaml"))
+    assert not uses_cache(load_spec(TEST_JOB))
     with pytest.raises(SpecError, match="data.path: no such file"):  # shards are read through the cache only
-        load_spec(JOBS / "llama.yaml", ["data.cache=false", f"data.path={JOBS / 'data'}/*.jsonl"])
+        load_spec(TEST_JOB, ["data.cache=false", f"data.path={JOBS / 'data'}/*.jsonl"])
 
 
 def test_a_remote_job_ships_a_glob_as_a_folder_of_shards_and_leaves_a_prefix_alone(tmp_path):
@@ -210,12 +210,12 @@ def test_a_remote_job_ships_a_glob_as_a_folder_of_shards_and_leaves_a_prefix_alo
     split_into_shards(TASKS, tmp_path / "shards")
     staged, staged_s3 = tmp_path / "staged", tmp_path / "staged-s3"
     staged.mkdir(), staged_s3.mkdir()
-    spec = json.loads(stage_job(load_spec(JOBS / "llama.yaml", [f"data.path={tmp_path}/shards/part-*.jsonl"]),
+    spec = json.loads(stage_job(load_spec(TEST_JOB, [f"data.path={tmp_path}/shards/part-*.jsonl"]),
                                 staged).read_text())
     assert spec["data"]["path"] == "data/shards"
     assert sorted(p.name for p in (staged / "data" / "shards").iterdir()) == ["part-000.jsonl", "part-001.jsonl",
                                                                             "part-002.jsonl"]
-    prefix = json.loads(stage_job(load_spec(JOBS / "llama.yaml", ["data.path=s3://bucket/data/"]),
+    prefix = json.loads(stage_job(load_spec(TEST_JOB, ["data.path=s3://bucket/data/"]),
                                   staged_s3).read_text())
     assert prefix["data"]["path"] == "s3://bucket/data/"
 
@@ -226,8 +226,8 @@ def test_held_out_shards_are_read_through_their_own_cache(tmp_path, tokenizer):
     held_out, one_file = tmp_path / "held-out", tmp_path / "held-out.jsonl"
     one_file.write_text("".join(TASKS.read_text().splitlines(keepends=True)[:100]))
     split_into_shards(one_file, held_out, count=2)
-    memory_spec = load_spec(JOBS / "llama.yaml", [f"data.eval_path={one_file}"])
-    spec = load_spec(JOBS / "llama.yaml", [f"checkpoint.storage={tmp_path}", f"data.eval_path={held_out}"])
+    memory_spec = load_spec(TEST_JOB, [f"data.eval_path={one_file}"])
+    spec = load_spec(TEST_JOB, [f"checkpoint.storage={tmp_path}", f"data.eval_path={held_out}"])
     assert uses_cache(spec)  # auto: the held-out data is a folder of shards
     data = prepare(spec).data
     memory = TrainingData.from_spec(memory_spec, tokenizer)

@@ -437,8 +437,8 @@ def test_length_grouping_is_read_from_the_spec(tok):
     from lorafleet.data.dataset import TrainingData
     from lorafleet.spec import load_spec
 
-    spec = load_spec("jobs/llama.yaml", ["data.group_by_length=true"])
+    spec = load_spec("tests/jobs/llama.yaml", ["data.group_by_length=true"])
     data = TrainingData.from_spec(spec, tok)
     plan = data.plan(spec)
     assert list(plan.lengths) == [len(s["input_ids"]) for s in data.samples]
-    assert data.plan(load_spec("jobs/llama.yaml")).lengths is None
+    assert data.plan(load_spec("tests/jobs/llama.yaml")).lengths is None

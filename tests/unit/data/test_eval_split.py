@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from helpers.cli import JOBS
+from helpers.cli import JOBS, TEST_JOB
 
 from lorafleet.data.dataset import TrainingData, held_out_split
 from lorafleet.data.records import load_records
@@ -30,44 +30,44 @@ def one_problem(err) -> str:
 
 
 def test_evaluation_is_off_by_default_and_follows_checkpoints_when_on():
-    spec = load_spec(JOBS / "llama.yaml")
+    spec = load_spec(TEST_JOB)
     assert spec.data.evaluates is False and spec.eval_every_n_steps is None
-    on = load_spec(JOBS / "llama.yaml", ["data.eval_fraction=0.1", "checkpoint.every_n_steps=7"])
+    on = load_spec(TEST_JOB, ["data.eval_fraction=0.1", "checkpoint.every_n_steps=7"])
     assert on.data.evaluates and on.eval_every_n_steps == 7
-    own = load_spec(JOBS / "llama.yaml", ["data.eval_fraction=0.1", "eval.every_n_steps=3", "eval.max_samples=5"])
+    own = load_spec(TEST_JOB, ["data.eval_fraction=0.1", "eval.every_n_steps=3", "eval.max_samples=5"])
     assert (own.eval_every_n_steps, own.eval.max_samples) == (3, 5)
 
 
 def test_eval_path_and_fraction_together_are_one_error():
     with pytest.raises(SpecError) as err:
-        load_spec(JOBS / "llama.yaml", ["data.eval_fraction=0.1", "data.eval_path=data/tasks.jsonl"])
+        load_spec(TEST_JOB, ["data.eval_fraction=0.1", "data.eval_path=data/tasks.jsonl"])
     assert one_problem(err) == "data: give at most one of `eval_path` or `eval_fraction`"
 
 
 @pytest.mark.parametrize("fraction", [0, 1, 1.5, -0.2])
 def test_fraction_must_lie_strictly_between_0_and_1(fraction):
     with pytest.raises(SpecError) as err:
-        load_spec(JOBS / "llama.yaml", [f"data.eval_fraction={fraction}"])
+        load_spec(TEST_JOB, [f"data.eval_fraction={fraction}"])
     assert one_problem(err).startswith("data.eval_fraction: Input should be")
 
 
 def test_eval_section_without_held_out_data_is_refused():
     with pytest.raises(SpecError) as err:
-        load_spec(JOBS / "llama.yaml", ["eval.max_samples=10"])
+        load_spec(TEST_JOB, ["eval.max_samples=10"])
     assert one_problem(err).startswith("eval: evaluation needs held-out data")
 
 
 def test_eval_path_is_checked_and_resolved_like_data_path(tmp_path):
     with pytest.raises(SpecError) as err:
-        load_spec(JOBS / "llama.yaml", [f"data.eval_path={tmp_path / 'missing.jsonl'}"])
+        load_spec(TEST_JOB, [f"data.eval_path={tmp_path / 'missing.jsonl'}"])
     assert one_problem(err) == f"data.eval_path: no such file or directory: {tmp_path / 'missing.jsonl'}"
     (tmp_path / "held.csv").write_text("a,b\n")
     with pytest.raises(SpecError) as err:
-        load_spec(JOBS / "llama.yaml", [f"data.eval_path={tmp_path / 'held.csv'}"])
+        load_spec(TEST_JOB, [f"data.eval_path={tmp_path / 'held.csv'}"])
     assert one_problem(err).startswith("data.eval_path: unsupported file type '.csv'")
     # In a spec file, relative to the file's folder.
     write_records(tmp_path / "held.jsonl", 3)
-    raw = yaml.safe_load((JOBS / "llama.yaml").read_text())
+    raw = yaml.safe_load((TEST_JOB).read_text())
     raw["data"].update(path=str(JOBS / "data" / "tasks.jsonl"), eval_path="held.jsonl")
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
     assert load_spec(tmp_path / "job.yaml").data.eval_path == str(tmp_path / "held.jsonl")
@@ -76,10 +76,10 @@ def test_eval_path_is_checked_and_resolved_like_data_path(tmp_path):
 def test_spec_with_evaluation_round_trips_through_json():
     from lorafleet.spec import spec_from_json
 
-    spec = load_spec(JOBS / "llama.yaml", ["data.eval_fraction=0.25", "eval.every_n_steps=4"])
+    spec = load_spec(TEST_JOB, ["data.eval_fraction=0.25", "eval.every_n_steps=4"])
     assert spec_from_json(spec.model_dump_json()) == spec
     # Without evaluation the JSON carries the `eval` section's defaults, which must not read as "set".
-    plain = load_spec(JOBS / "llama.yaml")
+    plain = load_spec(TEST_JOB)
     assert spec_from_json(plain.model_dump_json()) == plain
 
 
@@ -107,7 +107,7 @@ def test_split_leaving_a_side_empty_is_one_line_naming_the_field():
 
 def test_training_data_holds_out_the_split_records(tmp_path, tok):
     path = write_records(tmp_path / "data.jsonl", 40)
-    spec = load_spec(JOBS / "llama.yaml", [f"data.path={path}", "data.eval_fraction=0.25", "training.seed=7"])
+    spec = load_spec(TEST_JOB, [f"data.path={path}", "data.eval_fraction=0.25", "training.seed=7"])
     data = TrainingData.from_spec(spec, tok)
     train, held = held_out_split(40, 0.25, seed=7)
     records = load_records(DataSpec(path=str(path)))
@@ -125,7 +125,7 @@ def test_training_data_holds_out_the_split_records(tmp_path, tok):
 def test_training_data_reads_eval_path_unpacked(tmp_path, tok):
     path = write_records(tmp_path / "data.jsonl", 20)
     held = write_records(tmp_path / "held.jsonl", 5, start=100)
-    spec = load_spec(JOBS / "llama.yaml", [f"data.path={path}", f"data.eval_path={held}", "data.packing=true"])
+    spec = load_spec(TEST_JOB, [f"data.path={path}", f"data.eval_path={held}", "data.packing=true"])
     data = TrainingData.from_spec(spec, tok)
     assert len(data.eval_samples) == 5 and all("position_ids" not in s for s in data.eval_samples)
     assert all("position_ids" in row for row in data.samples)  # training rows stay packed
@@ -133,13 +133,13 @@ def test_training_data_reads_eval_path_unpacked(tmp_path, tok):
 
 def test_empty_split_and_bad_eval_file_fail_where_the_data_is_read(tmp_path, tok):
     path = write_records(tmp_path / "data.jsonl", 5)
-    spec = load_spec(JOBS / "llama.yaml", [f"data.path={path}", "data.eval_fraction=0.1"])
+    spec = load_spec(TEST_JOB, [f"data.path={path}", "data.eval_fraction=0.1"])
     with pytest.raises(SpecError) as err:
         TrainingData.from_spec(spec, tok)
     assert one_problem(err).startswith("data.eval_fraction: 0.1 of 5 records leaves the held-out set empty")
     bad = tmp_path / "held.jsonl"
     bad.write_text('{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n')
-    spec = load_spec(JOBS / "llama.yaml", [f"data.path={path}", f"data.eval_path={bad}"])
+    spec = load_spec(TEST_JOB, [f"data.path={path}", f"data.eval_path={bad}"])
     with pytest.raises(SpecError) as err:
         TrainingData.from_spec(spec, tok)
     assert one_problem(err) == "data.eval_path: record 2: missing 'output'"
@@ -160,7 +160,7 @@ def test_preflight_refuses_a_resume_over_another_held_out_set(tmp_path, monkeypa
     storage = f"checkpoint.storage={tmp_path / 'runs'}"
 
     def prepared(*overrides):
-        return driver.prepare(load_spec(JOBS / "llama.yaml", ["name=ev", storage, f"data.path={path}", *overrides]))
+        return driver.prepare(load_spec(TEST_JOB, ["name=ev", storage, f"data.path={path}", *overrides]))
 
     first = prepared(f"data.eval_path={held}")
     assert set(first.data.source) == {"size", "sha256", "eval_path"}

@@ -16,7 +16,7 @@ from lorafleet.spec import KernelsSpec, load_spec
 from lorafleet.train.driver import RunSummary
 from lorafleet.train.strategies import make_strategy
 
-from helpers.cli import JOBS
+from helpers.cli import TEST_JOB
 from helpers.models import SMALL, TARGETS, VOCAB
 
 CPU = torch.device("cpu")
@@ -24,7 +24,7 @@ SPEC = ["model.config={num_hidden_layers: 2}", "training.dtype=float32", "model.
 
 
 def small_spec(*extra):
-    return load_spec(JOBS / "llama.yaml", SPEC + list(extra))
+    return load_spec(TEST_JOB, SPEC + list(extra))
 
 
 def spec_batch(spec, base, n=4):

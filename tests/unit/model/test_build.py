@@ -6,18 +6,27 @@ from safetensors.torch import load_file
 from lorafleet.runstore.checkpoint import is_complete, load_training_state, save_checkpoint, set_rng_state
 from lorafleet.data.batching import collate
 from lorafleet.data.encode import prepare_samples
-from lorafleet.model.build import build_model, load_tokenizer_for, materialize, resolve_base_model
+import dataclasses
+from pathlib import Path
+import json
+import shutil
+
+import pytest
+
+from lorafleet import bases
+from lorafleet.model.build import (build_model, load_tokenizer_for, local_base, materialize, materialize_builtin,
+                                   resolve_base_model)
 from lorafleet.model.device import fast_bf16, torch_dtype
 from lorafleet.spec import ModelSpec, load_spec
 from lorafleet.train.strategies import DDPStrategy
 
-from helpers.cli import JOBS
+from helpers.cli import TEST_JOB
 
 SMALL = ["model.config={num_hidden_layers: 2}", "kernels.enabled=false", "training.dtype=float32", "model.dtype=float32"]
 
 
 def small_spec(*extra):
-    return load_spec(JOBS / "llama.yaml", SMALL + list(extra))
+    return load_spec(TEST_JOB, SMALL + list(extra))
 
 
 def batch_for(spec, tokenizer, n=4):
@@ -33,6 +42,43 @@ def test_materialize_is_deterministic_and_cached(tmp_path):
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (a / "tokenizer.json").exists() and not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]
+
+
+def test_the_builtin_base_is_checked_copied_with_the_tokenizer_and_loads(tmp_path):
+    path = materialize_builtin("tasks-llama", root=tmp_path)
+    shipped = bases.builtin_bases()["tasks-llama"]
+    assert (path / "model.safetensors").read_bytes() == (shipped.folder / "model.safetensors").read_bytes()
+    assert (path / "tokenizer.json").exists() and materialize_builtin("tasks-llama", root=tmp_path) == path
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["vocab_size"] == len(load_tokenizer_for(str(path)))
+    spec = load_spec(TEST_JOB, ["model.architecture=null", "model.config={}", "model.builtin=tasks-llama",
+                                "kernels.enabled=false", "model.dtype=float32"])
+    model, _ = build_model(spec, str(path))
+    embeddings = model.get_input_embeddings().weight  # not quantized: the shipped values, cast to float32
+    assert torch.equal(embeddings, load_file(path / "model.safetensors")["model.embed_tokens.weight"].float())
+
+
+def test_damaged_builtin_weights_are_refused(tmp_path, monkeypatch):
+    folder = tmp_path / "shipped"
+    shutil.copytree(bases.builtin_bases()["tasks-llama"].folder, folder)
+    (folder / "model.safetensors").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")  # an LFS pointer
+    damaged = dataclasses.replace(bases.builtin_bases()["tasks-llama"], folder=folder)
+    monkeypatch.setattr(bases, "builtin_bases", lambda: {"tasks-llama": damaged})
+    monkeypatch.setattr("lorafleet.model.build.builtin_bases", lambda: {"tasks-llama": damaged})
+    with pytest.raises(ValueError, match="damaged"):
+        materialize_builtin("tasks-llama", root=tmp_path / "models")
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_a_node_without_the_drivers_folder_materializes_its_own_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "node2"))
+    spec = load_spec(TEST_JOB, ["model.config={num_hidden_layers: 1}"])
+    elsewhere = str(tmp_path / "driver-only" / "llama-abc")  # the driver's path, absent on this node
+    here = local_base(spec, elsewhere)
+    assert here != elsewhere and Path(here, "config.json").exists() and str(tmp_path / "node2") in here
+    assert local_base(spec, here) == here
+    hub = load_spec(TEST_JOB, ["model.architecture=null", "model.config={}", "model.name_or_path=org/model"])
+    assert local_base(hub, "org/model") == "org/model"  # a hub id is not a folder, and is loaded as given
 
 
 def test_auto_dtype_follows_the_cpu():

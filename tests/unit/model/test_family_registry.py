@@ -16,7 +16,7 @@ from lorafleet.model.build import build_model, resolve_base_model
 from lorafleet.model.families import family_config
 from lorafleet.spec import KernelsSpec, ModelSpec, SpecError, load_spec
 
-from helpers.cli import JOBS
+from helpers.cli import TEST_JOB
 from helpers.models import SMALL, TARGETS, VOCAB
 
 
@@ -47,7 +47,7 @@ def test_every_family_builds_and_gets_every_kernel_path_fused(name):
 
 def test_spec_accepts_exactly_the_registry_families():
     with pytest.raises(SpecError, match="model.architecture"):
-        load_spec(JOBS / "llama.yaml", ["model.architecture=gpt2"])
+        load_spec(TEST_JOB, ["model.architecture=gpt2"])
     with pytest.raises(ValueError, match="unknown family 'gpt2'; known: " + ", ".join(FAMILY_NAMES)):
         family_config("gpt2", VOCAB)
 
@@ -63,7 +63,7 @@ def test_every_family_loads_and_trains_the_way_a_job_does(name):
     """A job's path: the materialized model through `from_pretrained` (4-bit), LoRA and every fused path, one training
     forward and backward, with the attention transformers gives the family by default (SDPA where its model class
     has it; gemma2 refuses SDPA since transformers 5.24)."""
-    spec = load_spec(JOBS / "llama.yaml", [f"model.architecture={name}", "model.config.num_hidden_layers=1"])
+    spec = load_spec(TEST_JOB, [f"model.architecture={name}", "model.config.num_hidden_layers=1"])
     base = resolve_base_model(spec)
     model, plan = build_model(spec, base)
     assert plan.applied == {"mlp": 1, "qkv": 1, "o": 1, "loss": 1} and plan.skipped == ()

@@ -178,7 +178,7 @@ def test_deepspeed_config_is_derived_and_merged():
     from lorafleet.train.strategies import deepspeed_config
 
     spec = load_spec(
-        "jobs/llama.yaml",
+        "tests/jobs/llama.yaml",
         [
             "scaling.strategy=deepspeed",
             "scaling.zero_stage=3",

@@ -24,7 +24,7 @@ from lorafleet.runstore.location import RunLocation
 from lorafleet.spec import SpecError, load_spec
 
 from helpers.checkpoints import write_checkpoint
-from helpers.cli import JOBS
+from helpers.cli import TEST_JOB
 
 FAST = dict(settle_s=0.05)
 
@@ -253,7 +253,7 @@ def test_s3_simultaneous_writers_resolve_to_one(s3_server):
 
 
 def test_run_job_refuses_a_held_run_before_ray_starts(tmp_path, monkeypatch):
-    spec = load_spec(JOBS / "llama.yaml", [f"checkpoint.storage={tmp_path}", "name=held"])
+    spec = load_spec(TEST_JOB, [f"checkpoint.storage={tmp_path}", "name=held"])
     monkeypatch.setattr(driver, "prepare", lambda spec, *_: driver.Prepared(spec=spec, base="unused", data=None))
 
     def no_ray(*args, **kwargs):

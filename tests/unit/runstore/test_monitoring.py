@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from helpers.cli import JOBS, run_cli
+from helpers.cli import run_cli, TEST_JOB
 
 
 def _history(start: int, stop: int, loss0: float = 3.0) -> list[dict]:
@@ -22,7 +22,7 @@ def _location(storage: str, *extra: str):
     from lorafleet.runstore.location import RunLocation
     from lorafleet.spec import load_spec
 
-    return RunLocation.of(load_spec(JOBS / "llama.yaml", [f"checkpoint.storage={storage}", "name=mon-test", *extra]))
+    return RunLocation.of(load_spec(TEST_JOB, [f"checkpoint.storage={storage}", "name=mon-test", *extra]))
 
 
 def report_cli(*args: str) -> subprocess.CompletedProcess:
@@ -77,7 +77,7 @@ def test_report_command(tmp_path):
     assert by_name.returncode == 0, by_name.stderr
     out = json.loads(by_name.stdout)
     assert out["metrics"] == f"{storage}/mon-test/metrics.jsonl" and out["steps"] == 5
-    by_spec = report_cli(str(JOBS / "llama.yaml"), "--set", f"checkpoint.storage={storage}", "--set", "name=mon-test")
+    by_spec = report_cli(str(TEST_JOB), "--set", f"checkpoint.storage={storage}", "--set", "name=mon-test")
     assert by_spec.returncode == 0 and f"plot:    {storage}/mon-test/loss.png" in by_spec.stdout
     missing = report_cli("never-ran", "--storage", storage)
     assert missing.returncode == 2 and missing.stderr.startswith("error: no metrics for job 'never-ran'")

@@ -19,7 +19,7 @@ from lorafleet.train import driver
 from lorafleet.train.driver import _storage_reachable, remove_orphan_checkpoints
 
 from helpers.checkpoints import write_checkpoint
-from helpers.cli import JOBS
+from helpers.cli import TEST_JOB
 
 # Ray Train names checkpoint folders by time; name order is creation order. The run snapshot is a file whose name
 # also starts with checkpoint_.
@@ -31,7 +31,7 @@ def test_reachable_probes_the_default_storage_of_a_spec_without_one(tmp_path, mo
     # The spec leaves checkpoint.storage out: the probe between fit() retries must use $LORAFLEET_HOME/runs, as
     # the run itself does, not the missing value.
     monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "home"))
-    spec = load_spec(JOBS / "llama.yaml")
+    spec = load_spec(TEST_JOB)
     assert spec.checkpoint.storage is None
     assert _storage_reachable(spec) is True
     assert RunLocation.of(spec).path == str(tmp_path / "home" / "runs" / "llama-tasks")
@@ -39,7 +39,7 @@ def test_reachable_probes_the_default_storage_of_a_spec_without_one(tmp_path, mo
 
 def test_local_default_storage_from_lorafleet_home(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "home"))
-    location = RunLocation.of(load_spec(JOBS / "llama.yaml", ["name=loc-default"]))
+    location = RunLocation.of(load_spec(TEST_JOB, ["name=loc-default"]))
     root = tmp_path / "home" / "runs"
     assert (location.storage, location.name, location.endpoint) == (str(root), "loc-default", None)
     assert location.path == location.uri == str(root / "loc-default")

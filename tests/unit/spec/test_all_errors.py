@@ -8,7 +8,7 @@ import pytest
 
 from lorafleet.spec import SpecError, load_spec
 
-from helpers.cli import JOBS, run_cli
+from helpers.cli import JOBS, run_cli, TEST_JOB
 
 TASKS = JOBS / "data" / "tasks.jsonl"
 
@@ -87,7 +87,7 @@ def test_an_override_that_fixes_a_file_mistake_leaves_the_others(tmp_path):
 def test_a_bad_union_value_is_one_problem():
     # pydantic reports it once per member of `list[str] | "all-linear"`; that is one mistake.
     with pytest.raises(SpecError) as err:
-        load_spec(JOBS / "llama.yaml", ["lora.target_modules=5", "lora.r=-1"])
+        load_spec(TEST_JOB, ["lora.target_modules=5", "lora.r=-1"])
     assert err.value.problems == [
         "lora.target_modules.list[str]: Input should be a valid list (got 5)",
         "lora.r: Input should be greater than 0 (got -1)",
@@ -96,7 +96,7 @@ def test_a_bad_union_value_is_one_problem():
 
 def problems_of(*overrides: str) -> list[str]:
     with pytest.raises(SpecError) as err:
-        load_spec(JOBS / "llama.yaml", list(overrides))
+        load_spec(TEST_JOB, list(overrides))
     return err.value.problems
 
 
@@ -110,7 +110,7 @@ def test_files_are_checked_alongside_other_problems_but_never_for_a_bad_field(tm
     ]
     # ...but a model section that is wrong as a whole is one problem, not also a missing directory.
     assert problems_of(f"model.name_or_path={tmp_path / 'no-model'}") == [
-        "model: give exactly one of `name_or_path` or `architecture`"
+        "model: give exactly one of `name_or_path`, `architecture` or `builtin`"
     ]
 
 

@@ -7,7 +7,7 @@ import pytest
 from lorafleet.spec import SpecError, load_spec
 from lorafleet.spec.schema import spec_from_json
 
-JOB = "jobs/llama.yaml"
+JOB = "tests/jobs/llama.yaml"
 HELD_OUT = "data.eval_fraction=0.1"
 
 

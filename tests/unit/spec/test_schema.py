@@ -9,12 +9,12 @@ import yaml
 from lorafleet.spec import JobSpec, SpecError, load_spec, parse_override
 from lorafleet.sweep.space import load_sweep
 
-from helpers.cli import JOBS
+from helpers.cli import JOBS, TEST_JOB
 
 
 def write_spec(tmp_path: Path, **sections) -> Path:
     """A spec file in tmp_path: the default job with `sections` replacing or deleting (None) top-level keys."""
-    raw = yaml.safe_load((JOBS / "llama.yaml").read_text())
+    raw = yaml.safe_load((TEST_JOB).read_text())
     raw["data"]["path"] = str(JOBS / "data" / "tasks.jsonl")
     for key, value in sections.items():
         if value is None:
@@ -28,7 +28,8 @@ def write_spec(tmp_path: Path, **sections) -> Path:
 
 def test_default_job_validates():
     spec = load_spec(JOBS / "llama.yaml")
-    assert spec.model.architecture == "llama"
+    assert spec.model.builtin == "tasks-llama" and spec.model.architecture is None
+    assert spec.data.eval_fraction and spec.eval.generate is not None  # it shows before/after on held-out records
     assert Path(spec.data.path).is_file()
     assert spec.scaling.num_workers == 2
     assert spec.global_batch_size == spec.training.micro_batch_size * spec.training.grad_accum * 2
@@ -56,6 +57,8 @@ def test_default_job_validates():
         ("data.path=/no/such/file.jsonl", "data.path", "no such file"),
         ("data.format=csv", "data.format", "instruction"),
         ("model.name_or_path=./missing-model", "model", "exactly one"),
+        ("model.builtin=tasks-llama", "model", "exactly one of `name_or_path`, `architecture` or `builtin`"),
+        ("model.builtin=gpt-5", "model.builtin", "lorafleet ships: tasks-llama"),
         ("training.warmup=500", "training", "longer than"),
         ("alora.invocation_string=' '", "alora", "empty"),
         ("kernels.mlp=perhaps", "kernels.mlp", "boolean"),
@@ -64,7 +67,7 @@ def test_default_job_validates():
 )
 def test_refusals_name_the_field(override, field, words):
     with pytest.raises(SpecError) as err:
-        load_spec(JOBS / "llama.yaml", [override])
+        load_spec(TEST_JOB, [override])
     message = str(err.value)
     assert message.startswith(f"{field}:"), message
     assert words in message, message
@@ -100,13 +103,13 @@ def test_required_sections_and_yaml_errors(tmp_path):
 def test_relative_paths_follow_the_file_and_overrides_follow_cwd(tmp_path, monkeypatch):
     data = tmp_path / "mine.jsonl"
     data.write_text((JOBS / "data" / "tasks.jsonl").read_text())
-    spec = load_spec(JOBS / "llama.yaml", ["checkpoint.storage=runs"])
+    spec = load_spec(TEST_JOB, ["checkpoint.storage=runs"])
     assert spec.data.path == str((JOBS / "data" / "tasks.jsonl").resolve())
     monkeypatch.chdir(tmp_path)
-    spec = load_spec(JOBS / "llama.yaml", ["data.path=mine.jsonl", "checkpoint.storage=runs"])
+    spec = load_spec(TEST_JOB, ["data.path=mine.jsonl", "checkpoint.storage=runs"])
     assert spec.data.path == str(data)
     assert spec.checkpoint.storage == str(tmp_path / "runs")
-    assert load_spec(JOBS / "llama.yaml", ["checkpoint.storage=s3://bucket/p"]).storage_uri == "s3://bucket/p"
+    assert load_spec(TEST_JOB, ["checkpoint.storage=s3://bucket/p"]).storage_uri == "s3://bucket/p"
 
 
 def test_override_parsing():
@@ -115,7 +118,7 @@ def test_override_parsing():
     with pytest.raises(SpecError, match="expected key.path=value"):
         parse_override("training.steps")
     with pytest.raises(SpecError, match="^training.steps: is not a section"):
-        load_spec(JOBS / "llama.yaml", ["training.steps.x=1"])
+        load_spec(TEST_JOB, ["training.steps.x=1"])
 
 
 def test_exponent_numbers_are_floats_in_files_and_overrides(tmp_path):
@@ -124,27 +127,27 @@ def test_exponent_numbers_are_floats_in_files_and_overrides(tmp_path):
     assert parse_override("x=[1e-7, 2.5E+3, 3]")[1] == [1e-7, 2500.0, 3]
     assert parse_override("name=run-1e5")[1] == "run-1e5"
     job = tmp_path / "job.yaml"
-    job.write_text((JOBS / "llama.yaml").read_text().replace("learning_rate:", "learning_rate: 3e-4 #", 1))
+    job.write_text((TEST_JOB).read_text().replace("learning_rate:", "learning_rate: 3e-4 #", 1))
     assert load_spec(job, [f"data.path={JOBS / 'data' / 'tasks.jsonl'}"]).training.learning_rate == 3e-4
 
 
 def test_alora_section():
-    spec = load_spec(JOBS / "llama.yaml", ["alora.invocation_string=<|reserved_0|>judge<|reserved_1|>"])
+    spec = load_spec(TEST_JOB, ["alora.invocation_string=<|reserved_0|>judge<|reserved_1|>"])
     assert spec.alora.invocation_string.startswith("<|reserved_0|>")
     with pytest.raises(SpecError, match="^alora: give exactly one"):
-        load_spec(JOBS / "llama.yaml", ["alora.drop_samples_without_invocation=true"])
+        load_spec(TEST_JOB, ["alora.drop_samples_without_invocation=true"])
     with pytest.raises(SpecError, match="^alora: `invocation_tokens` must be"):
-        load_spec(JOBS / "llama.yaml", ["alora.invocation_tokens=[]"])
+        load_spec(TEST_JOB, ["alora.invocation_tokens=[]"])
 
 
 def test_spec_round_trips_through_json():
-    spec = load_spec(JOBS / "llama.yaml")
+    spec = load_spec(TEST_JOB)
     assert JobSpec.model_validate_json(spec.model_dump_json()) == spec
 
 
 def test_cli_refusal_is_one_line_exit_2_and_starts_nothing(cli, tmp_path):
     storage = tmp_path / "storage"
-    result = cli("submit", str(JOBS / "llama.yaml"), "--set", "training.steps=-3", "--set", f"checkpoint.storage={storage}")
+    result = cli("submit", str(TEST_JOB), "--set", "training.steps=-3", "--set", f"checkpoint.storage={storage}")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: training.steps: Input should be greater than 0 (got -3)"
     assert "Traceback" not in result.stderr and result.stdout == ""
@@ -158,7 +161,7 @@ def test_cli_refuses_a_missing_spec_file(cli, tmp_path):
 
 
 def test_cli_validate_prints_resolved_spec(cli):
-    result = cli("validate", str(JOBS / "llama.yaml"), "--set", "training.steps=17")
+    result = cli("validate", str(TEST_JOB), "--set", "training.steps=17")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["training"]["steps"] == 17
 
@@ -184,7 +187,7 @@ def test_every_shipped_job_validates():
 
 
 def test_cli_wait_without_an_address_is_refused(cli, tmp_path):
-    result = cli("submit", str(JOBS / "llama.yaml"), "--wait", "--set", f"checkpoint.storage={tmp_path / 'x'}",
+    result = cli("submit", str(TEST_JOB), "--wait", "--set", f"checkpoint.storage={tmp_path / 'x'}",
                  env={"RAY_ADDRESS": ""})
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: --wait: needs a Jobs API address")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from helpers.cli import JOBS
+from helpers.cli import JOBS, TEST_JOB
 
 from lorafleet.spec import SpecError
 from lorafleet.sweep.space import Space, Sweep, load_sweep
@@ -78,7 +78,7 @@ def test_a_metric_the_job_does_not_produce_is_refused():
 
 
 def test_a_job_without_a_sweep_section_is_refused():
-    (problem,) = problems(path=JOBS / "llama.yaml")
+    (problem,) = problems(path=TEST_JOB)
     assert "a sweep file is a job spec with a `sweep:` section" in problem
 
 

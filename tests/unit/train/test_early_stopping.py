@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers.cli import JOBS
+from helpers.cli import TEST_JOB
 
 from lorafleet.spec import load_spec
 from lorafleet.train import worker
@@ -92,7 +92,7 @@ def test_summary_carries_stopped_early_and_best_adapter_only_when_set():
 
 @pytest.fixture(scope="module")
 def prepared():
-    return prepare(load_spec(JOBS / "llama.yaml", LOOP))
+    return prepare(load_spec(TEST_JOB, LOOP))
 
 
 def run_loop(monkeypatch, prepared, losses: dict[int, float], *overrides: str, start: int = 0, recorded=None):
@@ -116,7 +116,7 @@ def run_loop(monkeypatch, prepared, losses: dict[int, float], *overrides: str, s
     monkeypatch.setattr(worker, "held_out_metrics", lambda *_: {"eval_loss": losses[current[0]]})
     monkeypatch.setattr(worker, "save_and_report", lambda metrics, strategy, spec, ctx, source=None, extra=None:
                         taken.append((metrics["step"], dict(extra or {}))))
-    spec = load_spec(JOBS / "llama.yaml", [*LOOP, *overrides])
+    spec = load_spec(TEST_JOB, [*LOOP, *overrides])
     train_loop_per_worker(WorkerInputs(spec.model_dump_json(), prepared.base, prepared.data).config())
     return taken, published
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers.cli import JOBS
+from helpers.cli import TEST_JOB
 from helpers.models import TARGETS, tiny_alora
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -140,7 +140,7 @@ def test_generation_metrics_score_greedy_answers_with_the_jobs_template(tmp_path
                {"instruction": "Spell the word king with dashes.", "output": "k-i-n-g"}]
     path = tmp_path / "two.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    spec = load_spec(JOBS / "llama.yaml", [f"data.path={path}", f"data.eval_path={path}", "data.packing=false",
+    spec = load_spec(TEST_JOB, [f"data.path={path}", f"data.eval_path={path}", "data.packing=false",
                                            "eval.generate.max_new_tokens=8", "eval.generate.num_samples=2"])
     tokenizer = load_tokenizer()
     data = TrainingData.from_spec(spec, tokenizer)
@@ -163,6 +163,6 @@ def test_generation_metrics_score_greedy_answers_with_the_jobs_template(tmp_path
     rng = torch.get_rng_state()
     assert generation_metrics(model, tokenizer, records, spec) == {"eval_exact_match": 1.0, "eval_contains": 1.0}
     assert model.training and torch.equal(torch.get_rng_state(), rng)  # training goes on as if nothing happened
-    only = load_spec(JOBS / "llama.yaml", [f"data.eval_path={path}", "eval.generate.metrics=[contains]"])
+    only = load_spec(TEST_JOB, [f"data.eval_path={path}", "eval.generate.metrics=[contains]"])
     assert generation_metrics(model, tokenizer, records[:1], only) == {"eval_contains": 1.0}
-    assert generation_metrics(model, tokenizer, records, load_spec(JOBS / "llama.yaml", [f"data.eval_path={path}"])) == {}
+    assert generation_metrics(model, tokenizer, records, load_spec(TEST_JOB, [f"data.eval_path={path}"])) == {}

@@ -19,7 +19,7 @@ from lorafleet.runstore.location import PROBE_PREFIX, RunLocation, storage_env
 from lorafleet.spec import SpecError
 from lorafleet.train.driver import Prepared, data_change, data_fingerprint, preflight, start_ray
 
-from helpers.cli import JOBS
+from helpers.cli import JOBS, TEST_JOB
 from helpers.s3_server import SECRET_KEY
 
 TASKS = JOBS / "data" / "tasks.jsonl"
@@ -117,7 +117,7 @@ def prepared_for(spec_overrides: list[str], source: dict) -> Prepared:
 
     from lorafleet.spec import load_spec
 
-    spec = load_spec(JOBS / "llama.yaml", spec_overrides)
+    spec = load_spec(TEST_JOB, spec_overrides)
     return Prepared(spec=spec, base="unused", data=SimpleNamespace(source=source))
 
 

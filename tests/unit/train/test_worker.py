@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.cli import JOBS
+from helpers.cli import JOBS, TEST_JOB
 from helpers.faults import NanLossAt, StopAfter
 
 from lorafleet.constants import IGNORE_INDEX
@@ -46,7 +46,7 @@ SMALL = [
 
 
 def small_spec(*extra: str):
-    return load_spec(JOBS / "llama.yaml", SMALL + list(extra))
+    return load_spec(TEST_JOB, SMALL + list(extra))
 
 
 @pytest.fixture(scope="module")
