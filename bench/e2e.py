@@ -32,8 +32,8 @@ python bench/e2e.py [--rounds 2] [--steps 120] [--set KEY=VALUE ...] [--trl-fp32
 python bench/e2e.py --quick --json     # 20 steps, 1 round (a few minutes)
 ```
 
-The base model is built once from `jobs/llama.yaml`'s config and cached under `$LORAFLEET_HOME` (the user's, as
-lorafleet does; default `~/.lorafleet`); run storage goes to a temporary folder removed at the end.
+The base model is the one `jobs/llama.yaml` names (the shipped `tasks-llama`), materialized once under
+`$LORAFLEET_HOME` (the user's, as lorafleet does; default `~/.lorafleet`); held-out evaluation is off on both sides; run storage goes to a temporary folder removed at the end.
 """
 
 from __future__ import annotations
