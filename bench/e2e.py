@@ -33,7 +33,8 @@ python bench/e2e.py --quick --json     # 20 steps, 1 round (a few minutes)
 ```
 
 The base model is the one `jobs/llama.yaml` names (the shipped `tasks-llama`), materialized once under
-`$LORAFLEET_HOME` (the user's, as lorafleet does; default `~/.lorafleet`); held-out evaluation is off on both sides; run storage goes to a temporary folder removed at the end.
+`$LORAFLEET_HOME` (the user's, as lorafleet does; default `~/.lorafleet`); held-out evaluation is off on both
+sides; run storage goes to a temporary folder removed at the end.
 """
 
 from __future__ import annotations
