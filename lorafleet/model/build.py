@@ -25,7 +25,7 @@ from lorafleet.data.tokenizer import load_tokenizer
 from lorafleet.kernels import KernelPlan, apply_kernels
 from lorafleet.model.device import torch_dtype
 from lorafleet.model.families import family_config
-from lorafleet.spec import JobSpec, ModelSpec, QuantizationSpec, lorafleet_home
+from lorafleet.spec import JobSpec, ModelSpec, QuantizationSpec, SpecError, lorafleet_home
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,22 @@ def _model_key(model: ModelSpec) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def _publish(target: Path, write) -> Path:
+    """Have `write(folder)` fill a temporary folder beside `target`, then rename it to `target`, so concurrent callers
+    never see half a model; when another process finished first, its identical copy stays."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def materialize(model: ModelSpec, root: Optional[Path] = None) -> Path:
@@ -107,26 +123,20 @@ def materialize(model: ModelSpec, root: Optional[Path] = None) -> Path:
         torch.manual_seed(0)
         # Saved in float32: loading casts to whatever dtype a worker's device wants.
         built = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+
+    def write(folder: Path) -> None:
+        with unwrap_without_deepspeed():
+            built.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
     # One shard of a small model, saved once: transformers' "Writing model shards" bar would only be console noise.
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        with unwrap_without_deepspeed():
-            built.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process finished first; its copy is identical.
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return _publish(target, write)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    return target
 
 
 def materialize_builtin(name: str, root: Optional[Path] = None) -> Path:
@@ -146,7 +156,8 @@ def materialize_builtin(name: str, root: Optional[Path] = None) -> Path:
         `Path`: A directory with `config.json`, the weights and the tokenizer.
 
     Raises:
-        `ValueError`: The shipped weights do not match their manifest (a damaged install or a git LFS pointer).
+        [`~lorafleet.spec.SpecError`]: The shipped weights do not match their manifest (a damaged install or a git LFS
+            pointer): one line naming `model.builtin`, before anything starts.
 
     Example:
 
@@ -164,22 +175,16 @@ def materialize_builtin(name: str, root: Optional[Path] = None) -> Path:
     weights = base.folder / "model.safetensors"
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     if digest != base.sha256:
-        raise ValueError(f"model.builtin: the shipped weights {weights} are damaged (sha256 {digest[:12]}, the "
-                         f"manifest says {base.sha256[:12]}); reinstall lorafleet")
+        raise SpecError(f"model.builtin: the shipped weights {weights} are damaged (sha256 {digest[:12]}, the "
+                        f"manifest says {base.sha256[:12]}); reinstall lorafleet")
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    try:
-        shutil.copyfile(base.folder / "config.json", tmp / "config.json")
-        shutil.copyfile(weights, tmp / "model.safetensors")
-        load_tokenizer().save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first; its copy is identical
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    def write(folder: Path) -> None:
+        shutil.copyfile(base.folder / "config.json", folder / "config.json")
+        shutil.copyfile(weights, folder / "model.safetensors")
+        load_tokenizer().save_pretrained(folder)
+
+    return _publish(target, write)
 
 
 def resolve_base_model(spec: JobSpec) -> str:

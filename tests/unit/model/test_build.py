@@ -17,7 +17,7 @@ from lorafleet import bases
 from lorafleet.model.build import (build_model, load_tokenizer_for, local_base, materialize, materialize_builtin,
                                    resolve_base_model)
 from lorafleet.model.device import fast_bf16, torch_dtype
-from lorafleet.spec import ModelSpec, load_spec
+from lorafleet.spec import ModelSpec, SpecError, load_spec
 from lorafleet.train.strategies import DDPStrategy
 
 from helpers.cli import TEST_JOB
@@ -65,7 +65,7 @@ def test_damaged_builtin_weights_are_refused(tmp_path, monkeypatch):
     damaged = dataclasses.replace(bases.builtin_bases()["tasks-llama"], folder=folder)
     monkeypatch.setattr(bases, "builtin_bases", lambda: {"tasks-llama": damaged})
     monkeypatch.setattr("lorafleet.model.build.builtin_bases", lambda: {"tasks-llama": damaged})
-    with pytest.raises(ValueError, match="damaged"):
+    with pytest.raises(SpecError, match="^model.builtin: .* damaged"):
         materialize_builtin("tasks-llama", root=tmp_path / "models")
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
