@@ -132,6 +132,15 @@ TASKS: dict[str, _TaskFn] = {
 }
 
 
+def _task_cycle(n: int, seed: int):
+    """`(index, task name, (instruction, input, output, bare answer))` for n records, cycling through every task."""
+    rng = random.Random(seed)
+    names = list(TASKS)
+    for i in range(n):
+        name = names[i % len(names)]
+        yield i, name, TASKS[name](rng)
+
+
 def task_records(n: int = NUM_TASKS, seed: int = SEED) -> list[dict]:
     """Instruction records, cycling through every task so each is equally represented.
 
@@ -150,11 +159,8 @@ def task_records(n: int = NUM_TASKS, seed: int = SEED) -> list[dict]:
     'Write this in capital letters.'
     ```
     """
-    rng = random.Random(seed)
-    names = list(TASKS)
     records = []
-    for i in range(n):
-        instruction, inp, output, _ = TASKS[names[i % len(names)]](rng)
+    for _, _, (instruction, inp, output, _) in _task_cycle(n, seed):
         record = {"instruction": instruction}
         if inp is not None:
             record["input"] = inp
@@ -198,15 +204,12 @@ def plain_task_records(n: int, seed: int, styles: tuple[str, ...] = ("plain",)) 
     True
     ```
     """
-    rng = random.Random(seed)
-    names = list(TASKS)
     records = []
-    for i in range(n):
-        instruction, inp, _, answer = TASKS[names[i % len(names)]](rng)
+    for i, name, (instruction, inp, _, answer) in _task_cycle(n, seed):
         style = styles[i % len(styles)]
         with_input, without_input, lead = PLAIN_STYLES[style]
         prompt = (without_input if inp is None else with_input).format(instruction=instruction, input=inp)
-        records.append({"task": names[i % len(names)], "style": style, "prompt": prompt, "answer": lead + answer})
+        records.append({"task": name, "style": style, "prompt": prompt, "answer": lead + answer})
     return records
 
 
