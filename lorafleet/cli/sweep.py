@@ -85,11 +85,6 @@ def sweep(
     except KeyboardInterrupt:
         click.echo(f"lorafleet: {definition.name}: interrupted; run the same command to continue the sweep", err=True)
         sys.exit(stop.exit_code)
-    # Ray's driver prints the cluster's error messages (e.g. the raylet's "N python worker processes have been
-    # started") to stdout from a thread; disconnected, none can land after the --json line.
-    import ray
-
-    ray.shutdown()
     _end_lines(summary, as_json, stop.exit_code)
 
 

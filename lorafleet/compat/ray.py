@@ -37,6 +37,12 @@ Private things touched:
    Ray stops them: [`stop_child_processes`]. Gone when the wait is configurable or the error has its own class.
 7. Ray Tune: `Tuner._local_tuner` (a `TunerInternal`) and its `get_run_config()`, to give a restored sweep the new
    driver's callbacks: [`restored_run_config`].
+8. `ray._private.worker.print_to_stdstream`, which the driver's error-listener thread (`listen_error_messages`, started
+   by `ray.init`) looks up at each message and calls with `pid="raylet"` and `is_err=False`: the cluster's error
+   messages (the raylet's "N PYTHON worker processes have been started", a dead worker) go to stdout, whatever
+   `log_to_driver` says, at any moment, e.g. after a `--json` line. [`cluster_messages_to_stderr`] wraps it so that
+   those messages go to stderr; the workers' own output keeps its stream. Gone when Ray prints them to stderr or
+   honours `log_to_driver` for them.
 """
 
 from __future__ import annotations
@@ -223,3 +229,35 @@ def restored_run_config(tuner: Any) -> Any:
     `Tuner.restore` takes no callbacks, and a sweep's progress callback must be the new driver's, so it is set on
     the restored run config before `fit()`. Gone when `Tuner.restore` accepts a run config or callbacks."""
     return tuner._local_tuner.get_run_config()
+
+
+def cluster_messages_to_stderr() -> None:
+    """Send the Ray driver's cluster error messages to stderr instead of stdout (item 8), so that a command's stdout
+    holds only what lorafleet prints. Safe to call more than once; call it before `ray.init`.
+
+    Example:
+
+    ```python
+    >>> import contextlib, io
+    >>> from ray._private import worker
+    >>> cluster_messages_to_stderr()
+    >>> out, err = io.StringIO(), io.StringIO()
+    >>> with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    ...     worker.print_to_stdstream({"lines": ["a warning"], "pid": "raylet", "is_err": False}, ignore_prefix=True)
+    >>> (out.getvalue(), err.getvalue().strip())
+    ('', 'a warning')
+    ```
+    """
+    from ray._private import worker
+
+    original = worker.print_to_stdstream
+    if getattr(original, "lorafleet_stderr", False):
+        return
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            data = {**data, "is_err": True}
+        original(data, ignore_prefix)
+
+    print_to_stdstream.lorafleet_stderr = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = print_to_stdstream

@@ -29,6 +29,7 @@ from pyarrow import fs
 
 from lorafleet.compat.ray import (
     checkpoint_config,
+    cluster_messages_to_stderr,
     in_submitted_job,
     node_start_timed_out,
     stop_child_processes,
@@ -346,6 +347,8 @@ def start_ray(address: Optional[str] = None, verbose: bool = False, dashboard: b
     # An embedded instance's processes (the Train controller among them) inherit this environment; jobs sent to a
     # cluster carry the same settings in their runtime environment (lorafleet.remote).
     os.environ.update(train_env())
+    # stdout holds lorafleet's lines only (the --json line last); Ray would print the cluster's messages there.
+    cluster_messages_to_stderr()
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
         try:

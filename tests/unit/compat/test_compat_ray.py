@@ -170,3 +170,39 @@ def test_stop_child_processes_stops_what_this_process_started():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.stdout.split() == ["2", "0"], result.stdout + result.stderr  # two stopped, none left
+
+
+def test_cluster_messages_reach_the_driver_through_print_to_stdstream_on_stdout():
+    import inspect
+
+    from ray._private import worker
+
+    source = inspect.getsource(worker.listen_error_messages)
+    assert "print_to_stdstream(" in source and '"pid": "raylet"' in source and '"is_err": False' in source, (
+        f"ray: the driver's error listener no longer prints through print_to_stdstream as pid 'raylet' on stdout "
+        f"({CHECKED.format(8)}): review cluster_messages_to_stderr"
+    )
+
+
+def test_a_cluster_message_goes_to_stderr_and_stdout_keeps_only_our_lines(tmp_path):
+    # A real embedded Ray started as lorafleet starts it, and a real message published to every driver.
+    import subprocess
+    import sys
+
+    script = (
+        "import time, ray\n"
+        "from ray._private import utils, worker\n"
+        "from lorafleet.train.driver import start_ray\n"
+        "start_ray()\n"
+        "utils.push_error_to_driver(worker.global_worker, 'lorafleet_test', 'a-cluster-message')\n"
+        "time.sleep(3)\n"
+        "print('{\"last\": true}')\n"
+        "ray.shutdown()\n"
+    )
+    env = {**__import__("os").environ, "LORAFLEET_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == '{"last": true}\n', result.stdout
+    assert "a-cluster-message" in result.stderr, (
+        f"the message never reached the driver ({CHECKED.format(8)}): {result.stderr[-2000:]}"
+    )
