@@ -1,6 +1,6 @@
 """Pretrain lorafleet's shipped demo base, `tasks-llama`: a 4M-parameter Llama that knows the demo tasks' skills.
 
-`python scripts/build_demo_base.py` trains it from scratch on CPU (~40 minutes on 2 cores) and writes
+`python scripts/build_demo_base.py` trains it from scratch on CPU (~50 minutes on 2 cores) and writes
 `lorafleet/assets/bases/tasks-llama/` (`config.json`, `model.safetensors` in bfloat16, `manifest.json` with the
 weights' sha256 and the recipe). The recipe, all fixed here:
 
@@ -10,10 +10,11 @@ weights' sha256 and the recipe). The recipe, all fixed here:
   the default job's adapter teaches.
 - model: `family_config("llama")` with hidden size 256 and 4 layers, lorafleet's tokenizer, seed 0.
 - stage 1, the skills (7000 steps): the `plain` layout only, `"<instruction> | <input> = <answer>"`.
-- stage 2, the layouts (2000 steps, from stage 1's weights rounded to bfloat16 as the file stores them): the three
+- stage 2, the layouts (4000 steps, from stage 1's weights rounded to bfloat16 as the file stores them): the three
   layouts of `PLAIN_STYLES` in turn, whose newlines, `###` headers and `Input:` lines an instruction template is
   made of. Without it the default job's template is foreign text to the base, and 360 LoRA steps reached 12% exact
-  match.
+  match; after 2000 stage-2 steps the default job reached 40%, after 4000 53% (the base's own held-out exact match
+  over the three layouts: .60 and .75).
 - each stage: AdamW (betas 0.9/0.98, weight decay 0.01) from a fresh state, learning rate 1e-3 with 100 warm-up
   steps and a cosine decay to 10%, batch 32, loss on the answer tokens only, gradient clipping at 1.0, 2 CPU threads.
 
@@ -46,7 +47,7 @@ BATCH = 32
 LR = 1e-3
 WARMUP = 100
 STEPS = 7000
-LAYOUT_STEPS = 2000
+LAYOUT_STEPS = 4000
 
 
 def _encode(tokenizer, record: dict) -> tuple[list[int], list[int]]:

@@ -32,10 +32,10 @@ def test_default_job_learns(default_run):
     assert summary["steps"] == 480 and summary["start_step"] == 0
     assert summary["final_loss"] < summary["first_loss"] - 3.0, summary
     # The shipped base knows the skills but not the instruction format: its greedy answers to the held-out prompts are
-    # (nearly) never right; the adapter's are right far more often (40% measured in bf16; the floor leaves room for
+    # (nearly) never right; the adapter's are right far more often (53% measured in bf16; the floor leaves room for
     # fp32 CPUs and another machine's rounding).
     assert summary["base_exact_match"] <= 0.1, summary
-    assert summary["eval_exact_match"] >= 0.25, summary
+    assert summary["eval_exact_match"] >= 0.4, summary
     assert summary["eval_loss"] < 2.0 and summary["best_eval_loss"] <= summary["eval_loss"], summary
     assert "held-out answers: exact match" in result.stderr
     assert summary["tokens_per_s"] > 0
