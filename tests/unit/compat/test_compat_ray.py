@@ -5,6 +5,10 @@ Each failure message names the assumption, so a Ray upgrade that breaks one says
 """
 
 import dataclasses
+import inspect
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -158,9 +162,6 @@ def test_node_start_timeout_is_recognized_by_its_message():
 
 def test_stop_child_processes_stops_what_this_process_started():
     # In a process of its own: the test session's own children (servers of other tests) are not this test's to stop.
-    import subprocess
-    import sys
-
     script = (
         "import subprocess\n"
         "from lorafleet.compat.ray import stop_child_processes\n"
@@ -173,8 +174,6 @@ def test_stop_child_processes_stops_what_this_process_started():
 
 
 def test_cluster_messages_reach_the_driver_through_print_to_stdstream_on_stdout():
-    import inspect
-
     from ray._private import worker
 
     source = inspect.getsource(worker.listen_error_messages)
@@ -186,9 +185,6 @@ def test_cluster_messages_reach_the_driver_through_print_to_stdstream_on_stdout(
 
 def test_a_cluster_message_goes_to_stderr_and_stdout_keeps_only_our_lines(tmp_path):
     # A real embedded Ray started as lorafleet starts it, and a real message published to every driver.
-    import subprocess
-    import sys
-
     script = (
         "import time, ray\n"
         "from ray._private import utils, worker\n"
@@ -199,7 +195,7 @@ def test_a_cluster_message_goes_to_stderr_and_stdout_keeps_only_our_lines(tmp_pa
         "print('{\"last\": true}')\n"
         "ray.shutdown()\n"
     )
-    env = {**__import__("os").environ, "LORAFLEET_HOME": str(tmp_path)}
+    env = {**os.environ, "LORAFLEET_HOME": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == '{"last": true}\n', result.stdout
