@@ -1,7 +1,8 @@
-"""Ray Train internals lorafleet's checkpoint upload and run settings rely on.
+"""Ray internals lorafleet's checkpoint upload, run settings, sweeps and console output rely on.
 
-Checked on: ray 2.60.0 (installed; `tests/unit/compat/test_compat_ray.py` exercises each item without a cluster:
-a `StorageContext` is built directly on a temporary folder, as Ray's own doctests do).
+Checked on: ray 2.60.0 (installed; `tests/unit/compat/test_compat_ray.py` exercises each item: the Ray Train ones
+without a cluster, on a `StorageContext` built directly on a temporary folder as Ray's own doctests do; item 8 on a
+real embedded Ray instance).
 
 Private things touched:
 

@@ -1,5 +1,6 @@
-"""One test per Ray Train assumption of `lorafleet.compat.ray` (checked on ray 2.60.0), without a cluster: a
-`StorageContext` is built directly on a temporary folder, as Ray's own doctests build one.
+"""One test per Ray assumption of `lorafleet.compat.ray` (checked on ray 2.60.0). The Ray Train items run without a
+cluster: a `StorageContext` is built directly on a temporary folder, as Ray's own doctests build one. The cluster
+messages of item 8 come from a real embedded Ray instance in a subprocess.
 
 Each failure message names the assumption, so a Ray upgrade that breaks one says which workaround to revisit.
 """
