@@ -54,7 +54,8 @@ from lorafleet.spec.schema import lorafleet_home
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+# 2: rows carry their record's text (`record`), so `eval.generate` can prompt with cached held-out records.
+CACHE_VERSION = 2
 INDEX_FILE = "index.json"
 CACHE_FOLDER = "_cache/tokenized"
 # Below this much local data the cache is built in the driver process: Ray Data's start (~5-10 s) would cost more
@@ -76,6 +77,7 @@ SCHEMA = pa.schema([
     ("status", pa.int8()),
     ("length", pa.int32()),
     ("targets", pa.int32()),
+    ("record", pa.string()),
 ])
 
 
@@ -182,6 +184,21 @@ class CacheReport:
         return asdict(self)
 
 
+def record_text(record: dict, fmt: str) -> str:
+    """A checked record as the JSON text the cache keeps of it: only the fields `data.format` reads, so extra
+    columns of the data (ids, metadata, values JSON cannot hold) cost nothing and change nothing.
+
+    Example:
+
+    ```python
+    >>> record_text({"instruction": "Say hi.", "output": "hi", "id": 7}, "instruction")
+    '{"instruction": "Say hi.", "output": "hi"}'
+    ```
+    """
+    names = {"text": ("text",), "instruction": ("instruction", "input", "output"), "chat": ("messages",)}[fmt]
+    return json.dumps({k: record[k] for k in names if record.get(k) is not None}, ensure_ascii=False, default=str)
+
+
 def _encode_chunk(index: int, chunk: Chunk, sources: Sequence[SourceFile], spec: JobSpec, tokenizer,
                   invocation: Optional[Invocation], endpoint: Optional[str]) -> pa.Table:
     """One chunk as a table of rows in file order: encoded records, bad records (`status` -1, the problem in
@@ -207,6 +224,8 @@ def _encode_chunk(index: int, chunk: Chunk, sources: Sequence[SourceFile], spec:
         # As TrainingData counts them: the labels after the causal shift that are not -100.
         "targets": pa.array([sum(1 for label in r.labels[1:] if label != IGNORE_INDEX) for r in rows]
                             + [0] * len(problems), pa.int32()),
+        "record": pa.array([record_text(r, spec.data.format) for r in found.records] + [None] * len(problems),
+                           pa.string()),
     }
     return pa.table(columns)
 
@@ -380,6 +399,7 @@ def build_cache(
                 "input_ids": table.column("input_ids"), "labels": table.column("labels"),
                 "alora_start": table.column("alora_start"), "status": table.column("status"),
                 "length": table.column("length"), "targets": table.column("targets"),
+                "record": table.column("record"),
             }, schema=SCHEMA))
         writer.close()
         if report.records == 0:
@@ -504,6 +524,13 @@ class TokenCache:
             return np.zeros(0, np.int32)
         return np.concatenate([b.column(name).to_numpy(zero_copy_only=False) for b in self._batches])
 
+    def record(self, i: int) -> dict[str, Any]:
+        """Row `i`'s record as read from the data (the fields its format uses; [`record_text`])."""
+        if self._batches is None:
+            self._open()
+        b = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return json.loads(self._batches[b].column("record")[i - int(self._starts[b])].as_py())
+
     def row(self, i: int) -> dict[str, Any]:
         """Row `i` as a sample: `input_ids`, `labels` (lists of int) and, for aLoRA, `alora_start`."""
         if self._batches is None:
@@ -540,6 +567,75 @@ def held_out_mask(num_records: int, fraction: float, seed: int) -> np.ndarray:
     mask = np.zeros(num_records, dtype=bool)
     mask[order[:count]] = True
     return mask
+
+
+def _side_mask(cache: TokenCache, side: str, fraction: Optional[float], seed: int) -> np.ndarray:
+    """Which rows of `cache` are on `side` (`all`, or `train` / `held_out` of `data.eval_fraction`)."""
+    n = len(cache)
+    if side == "all":
+        return np.ones(n, dtype=bool)
+    held_out = held_out_mask(n, fraction, seed)
+    return held_out if side == "held_out" else ~held_out
+
+
+class CachedRecords:
+    """The first `limit` records of one side of a [`TokenCache`], as read from the data, in file order: what
+    `eval.generate` prompts with and scores against, the same records as the in-memory path's
+    [`~lorafleet.data.dataset.TrainingData`]`.eval_records`. Like [`CachedSamples`], it pickles as the cache's index
+    and reads the rows where it is used (the rank-0 worker), so the driver never downloads the shards for it.
+
+    Args:
+        cache ([`TokenCache`]): The cache.
+        side (`str`, *optional*, defaults to `"all"`): `"all"`, or with a held-out fraction `"held_out"` / `"train"`.
+        fraction (`float`, *optional*): `data.eval_fraction`.
+        seed (`int`, *optional*, defaults to `0`): `training.seed`.
+        limit (`int`, *optional*): At most this many records (`eval.generate.num_samples`).
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from lorafleet.data.sources import data_fingerprint
+    >>> from lorafleet.data.tokenizer import load_tokenizer
+    >>> from lorafleet.spec import load_spec
+    >>> spec = load_spec("jobs/llama.yaml", [f"checkpoint.storage={tempfile.mkdtemp()}"])
+    >>> cache, _ = build_cache(spec, load_tokenizer(), data_fingerprint(spec.data.path))
+    >>> records = CachedRecords(cache, "held_out", 0.05, seed=0, limit=2)
+    >>> len(records), sorted(records[0])
+    (2, ['instruction', 'output'])
+    ```
+    """
+
+    def __init__(self, cache: TokenCache, side: str = "all", fraction: Optional[float] = None, seed: int = 0,
+                 limit: Optional[int] = None):
+        self.cache, self.side, self.fraction, self.seed, self.limit = cache, side, fraction, seed, limit
+        self._rows: Optional[np.ndarray] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cache": self.cache, "side": self.side, "fraction": self.fraction, "seed": self.seed,
+                "limit": self.limit}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The cache rows of these records, in order."""
+        if self._rows is None:
+            rows = np.flatnonzero(_side_mask(self.cache, self.side, self.fraction, self.seed))
+            self._rows = rows[: self.limit] if self.limit is not None else rows
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.cache.record(int(self.rows[i]))
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
 
 
 class _IntColumn:
@@ -600,11 +696,7 @@ class CachedSamples:
         self.__init__(**state)
 
     def _side_mask(self) -> np.ndarray:
-        n = len(self.cache)
-        if self.side == "all":
-            return np.ones(n, dtype=bool)
-        held_out = held_out_mask(n, self.fraction, self.seed)
-        return held_out if self.side == "held_out" else ~held_out
+        return _side_mask(self.cache, self.side, self.fraction, self.seed)
 
     @property
     def rows(self) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from lorafleet.constants import IGNORE_INDEX
 from lorafleet.data.alora import Invocation
-from lorafleet.data.cache import SHOW_SKIPPED, CachedSamples, CacheReport, TokenCache, held_out_mask
+from lorafleet.data.cache import SHOW_SKIPPED, CachedRecords, CachedSamples, CacheReport, TokenCache, held_out_mask
 from lorafleet.data.encode import prepare_samples
 from lorafleet.data.plan import BatchPlan
 from lorafleet.data.records import load_records
@@ -79,9 +79,10 @@ class TrainingData:
         eval_samples (`list[dict]`, *optional*, defaults to `[]`):
             The held-out samples, in file order, never packed (so `eval.max_samples` counts records) and masked like
             the training ones (prompt, aLoRA invocation); empty when evaluation is off.
-        eval_records (`list[dict]`, *optional*, defaults to `[]`):
+        eval_records (`Sequence[dict]`, *optional*, defaults to `[]`):
             The held-out records `eval.generate` prompts with and scores against, as read (checked for `data.format`):
-            the first `eval.generate.num_samples` (at most `eval.max_samples`), in file order; empty without it.
+            the first `eval.generate.num_samples` (at most `eval.max_samples`), in file order; empty without it. A
+            list, or read from the tokenized cache ([`~lorafleet.data.cache.CachedRecords`]).
 
     Attributes:
         targets (`list[int]`): Per sample, the tokens the loss counts (labels after the causal shift that are not -100).
@@ -107,7 +108,7 @@ class TrainingData:
     invocation_tokens: list[int] | None = None
     source: dict[str, Any] = field(default_factory=dict, repr=False)
     eval_samples: Sequence[dict] = field(default_factory=list, repr=False)
-    eval_records: list[dict] = field(default_factory=list, repr=False)
+    eval_records: Sequence[dict] = field(default_factory=list, repr=False)
     report: dict[str, Any] = field(default_factory=dict, repr=False)
     targets: Sequence[int] = field(init=False, repr=False)
     eval_targets: Sequence[int] = field(init=False, repr=False)
@@ -189,15 +190,11 @@ class TrainingData:
                 The cache of `data.eval_path` when it is shards, a glob or a prefix (else it is read in memory).
 
         Raises:
-            [`~lorafleet.spec.SpecError`]: Samples without the aLoRA invocation, no sample left, an `eval_fraction`
-            that leaves a side empty, or `eval.generate` with `eval_fraction` (the records are not cached).
+            [`~lorafleet.spec.SpecError`]: Samples without the aLoRA invocation, no sample left, or an
+            `eval_fraction` that leaves a side empty.
         """
         data = spec.data
         fraction, seed = data.eval_fraction, spec.training.seed
-        if (fraction is not None or eval_cache is not None) and spec.eval.generate is not None:
-            raise SpecError("eval.generate: with the tokenized cache (data.cache), held-out answers need "
-                            "data.eval_path as one file (cached records are not kept as text); "
-                            "or set data.cache: false")
         # Packed like the in-memory path: the training side only; held-out samples stay one per row.
         pack = data.max_length if data.packing else None
         if fraction is not None:
@@ -228,9 +225,15 @@ class TrainingData:
             except SpecError as exc:
                 raise SpecError(*(p.replace("data.path:", "data.eval_path:", 1) for p in exc.problems)) from None
         generate = spec.eval.generate
-        scored = []
-        if generate is not None and eval_records:
-            scored = eval_records[: min(generate.num_samples, spec.eval.max_samples or generate.num_samples)]
+        scored: Sequence[dict] = []
+        if generate is not None:
+            limit = min(generate.num_samples, spec.eval.max_samples or generate.num_samples)
+            if eval_records is not None:
+                scored = eval_records[:limit]
+            elif eval_cache is not None:
+                scored = CachedRecords(eval_cache, limit=limit)
+            elif fraction is not None:
+                scored = CachedRecords(cache, "held_out", fraction, seed, limit=limit)
         tokens = invocation.tokens if invocation is not None else None
         return cls(samples, tokenizer.pad_token_id, tokens, eval_samples=eval_samples, eval_records=scored,
                    report=report.as_dict())

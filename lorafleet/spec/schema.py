@@ -230,8 +230,8 @@ class DataSpec(_Section):
     eval_path: Optional[str] = Field(
         None,
         description="A held-out file (any format `path` accepts) whose loss is measured during training (see `eval`). "
-        "Shards, a glob or a prefix are read through their own tokenized cache (with `cache` not false; not with "
-        "`eval.generate`). Exclusive with `eval_fraction`.",
+        "Shards, a glob or a prefix are read through their own tokenized cache (with `cache` not false). Exclusive with "
+        "`eval_fraction`.",
     )
     eval_fraction: Optional[float] = Field(
         None,

@@ -3,7 +3,7 @@
 One in-memory run over one file is the reference. The same records given as a folder of shards go through the cache
 (`data.cache: auto` turns it on for a folder): stopped after step 4 and re-submitted, the run must reproduce the
 reference's losses and adapter bitwise (same samples, same plan, exact resume), and the re-submit must reuse the
-cache, not rebuild it. Two bad records in a shard are skipped (`data.on_bad_record: skip`) on both paths and reported
+cache, not rebuild it; both score generated answers to the same held-out records. Two bad records in a shard are skipped (`data.on_bad_record: skip`) on both paths and reported
 in the summary and metrics.jsonl. `lorafleet data prepare` builds the same cache with Ray Data tasks (several chunks
 per file, on the joined cluster) and its rows are the in-memory samples in order.
 """
@@ -22,6 +22,8 @@ from helpers.runs import adapter, losses, records
 pytestmark = pytest.mark.usefixtures("joined_ray")
 
 COMMON = ("data.on_bad_record=skip", "data.group_by_length=true")
+# Held-out records scored by generation: from the file on the in-memory path, from the cache's rows on the other.
+GENERATE = ("data.eval_fraction=0.02", "eval.generate.num_samples=4", "eval.generate.max_new_tokens=4")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,8 @@ def storage(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def memory_run(storage, data):
-    proc, summary = submit_small("memory", storage, f"data.path={data['file']}", "data.cache=false", *COMMON)
+    proc, summary = submit_small("memory", storage, f"data.path={data['file']}", "data.cache=false", *COMMON,
+                                 *GENERATE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return summary
 
@@ -54,7 +57,7 @@ def memory_run(storage, data):
 @pytest.fixture(scope="module")
 def cached_runs(storage, data):
     """Stopped after step 4, then re-submitted; with the cache's index.json mtime after each."""
-    sets = (f"data.path={data['folder']}", *COMMON)
+    sets = (f"data.path={data['folder']}", *COMMON, *GENERATE)
     first = submit_small("cached", storage, *sets, faults=["--stop-after", "4"])
     assert first[0].returncode == 0, first[0].stderr[-3000:]
     index = Path(first[1]["data_cache"]) / "index.json"
@@ -77,6 +80,12 @@ def test_cache_run_equals_in_memory_run_and_resumes_exactly(memory_run, cached_r
     assert got.keys() == ref.keys()
     for key in ref:
         assert torch.equal(got[key], ref[key]), key
+    # The rank-0 worker generated answers to the cached held-out records at each evaluation, as from the file.
+    scores = {name: [(r["step"], r.get("eval_exact_match"), r.get("eval_loss"))
+                     for r in records(storage, name).values() if "eval_loss" in r] for name in ("memory", "cached")}
+    assert len(scores["memory"]) >= 3 and all(s[1] is not None for s in scores["memory"]), scores
+    assert scores["cached"] == scores["memory"]
+    assert s1["base_exact_match"] is not None and s1["base_exact_match"] == memory_run["base_exact_match"]
 
 
 def test_skipped_records_are_reported_in_summary_and_metrics(memory_run, cached_runs, storage, data):

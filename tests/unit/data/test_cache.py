@@ -14,7 +14,7 @@ from helpers.cli import JOBS, TEST_JOB
 
 from lorafleet.data import sources
 from lorafleet.data.alora import Invocation
-from lorafleet.data.cache import CachedSamples, TokenCache, build_cache, uses_cache
+from lorafleet.data.cache import CachedRecords, CachedSamples, TokenCache, build_cache, uses_cache
 from lorafleet.data.dataset import TrainingData
 from lorafleet.data.sources import data_fingerprint, list_sources
 from lorafleet.model.build import load_tokenizer_for, resolve_base_model
@@ -234,8 +234,26 @@ def test_held_out_shards_are_read_through_their_own_cache(tmp_path, tokenizer):
     assert isinstance(data.eval_samples, CachedSamples)
     assert list(data.eval_samples) == list(memory.eval_samples) and list(data.samples) == list(memory.samples)
     assert list(data.eval_targets) == list(memory.eval_targets)
-    with pytest.raises(SpecError, match="eval.generate: with the tokenized cache"):
-        prepare(spec.model_copy(update={"eval": spec.eval.model_copy(update={"generate": {"num_samples": 2}})}))
+
+    # eval.generate prompts with the first held-out records as read, from the cache as from the file.
+    scored = prepare(load_spec(TEST_JOB, [f"checkpoint.storage={tmp_path}", f"data.eval_path={held_out}",
+                                          "eval.generate.num_samples=3"])).data.eval_records
+    assert isinstance(scored, CachedRecords)
+    memory_scored = TrainingData.from_spec(load_spec(TEST_JOB, [f"data.eval_path={one_file}",
+                                                                "eval.generate.num_samples=3"]), tokenizer).eval_records
+    assert list(pickle.loads(pickle.dumps(scored))) == memory_scored and len(memory_scored) == 3
+
+
+def test_generation_records_of_a_held_out_fraction_come_from_the_cache(tmp_path, tokenizer):
+    # The default job: eval_fraction 0.05 and eval.generate over 60 records.
+    memory = TrainingData.from_spec(load_spec("jobs/llama.yaml"), tokenizer)
+    spec = load_spec("jobs/llama.yaml", [f"checkpoint.storage={tmp_path}", "data.cache=true"])
+    cache, report = build_cache(spec, tokenizer, data_fingerprint(spec.data.path))
+    data = TrainingData.from_cache(spec, tokenizer, cache, report)
+    assert isinstance(data.eval_records, CachedRecords) and len(data.eval_records) == 60
+    shipped = pickle.loads(pickle.dumps(data.eval_records))  # as a worker receives it: the index, no rows
+    assert shipped._rows is None and list(shipped) == memory.eval_records
+    assert list(data.eval_samples) == list(memory.eval_samples)
 
 
 def test_a_broken_file_fails_whatever_on_bad_record_says(tmp_path, tokenizer):
