@@ -197,13 +197,59 @@ def resolve_base_model(spec: JobSpec) -> str:
     return str(materialize(spec.model))
 
 
-def local_base(spec: JobSpec, base: str) -> str:
+def weights_digest(spec: JobSpec, base: str) -> Optional[str]:
+    """The sha256 of the weight files of a base lorafleet materialized (`model.builtin`, `model.architecture`), which
+    every node must reproduce exactly ([`local_base`]); `None` for `model.name_or_path` (the user's own files).
+
+    Example:
+
+    ```python
+    >>> from lorafleet.spec import load_spec
+    >>> spec = load_spec("jobs/llama.yaml")
+    >>> len(weights_digest(spec, resolve_base_model(spec)))
+    64
+    ```
+    """
+    if spec.model.name_or_path is not None:
+        return None
+    digest = hashlib.sha256()
+    for weights in sorted(Path(base).glob("*.safetensors")):
+        digest.update(weights.name.encode())
+        with open(weights, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def local_base(spec: JobSpec, base: str, digest: Optional[str] = None) -> str:
     """`base` as this node can load it: the driver's materialized directory when this node sees it, else the same
-    model materialized here (another node of a cluster without a shared folder). Hub ids and user directories are
-    returned as given."""
+    model materialized here (another node of a cluster without a shared folder), checked against the driver's
+    [`weights_digest`]. Hub ids and user directories are returned as given.
+
+    Args:
+        spec ([`~lorafleet.spec.JobSpec`]): The job.
+        base (`str`): The driver's [`resolve_base_model`].
+        digest (`str`, *optional*): The driver's [`weights_digest`] of it.
+
+    Returns:
+        `str`: A directory or hub id to load the base from.
+
+    Raises:
+        `RuntimeError`: The model materialized here has other weights than the driver's (nodes with other torch or
+        transformers versions would otherwise train different bases under one adapter).
+    """
     if spec.model.name_or_path is not None or Path(base).is_dir():
         return base
-    return resolve_base_model(spec)
+    here = resolve_base_model(spec)
+    found = weights_digest(spec, here)
+    if digest is not None and found != digest:
+        import socket
+
+        raise RuntimeError(
+            f"node {socket.gethostname()}: the base model materialized here ({here}) is not the driver's (weights "
+            f"sha256 {found[:12]}, the driver's {digest[:12]}); install the same torch and transformers on every node"
+        )
+    return here
 
 
 def load_tokenizer_for(base: str, trust_remote_code: bool = False):

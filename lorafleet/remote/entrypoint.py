@@ -27,11 +27,12 @@ from lorafleet.train.driver import run_job
 
 def _resolve_data(raw: dict[str, Any], folder: Path) -> None:
     """Make the shipped job's relative data paths absolute in the job's `working_dir` (Ray unpacks it at the same
-    path on every node of the cluster)."""
+    path on every node of the cluster); object-store URIs (`s3://`, `gs://`, shipped as given) stay as they are."""
     data = raw.get("data") or {}
     for key in ("path", "eval_path"):
-        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
-            data[key] = str((folder / data[key]).resolve())
+        value = data.get(key)
+        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+            data[key] = str((folder / value).resolve())
 
 
 def run_shipped_spec(spec_json: str) -> int:

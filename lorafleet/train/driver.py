@@ -39,7 +39,7 @@ from lorafleet.data.alora import Invocation
 from lorafleet.data.cache import build_cache, is_sharded, uses_cache
 from lorafleet.data.dataset import TrainingData
 from lorafleet.data.sources import data_fingerprint
-from lorafleet.model.build import load_tokenizer_for, resolve_base_model
+from lorafleet.model.build import load_tokenizer_for, resolve_base_model, weights_digest
 from lorafleet.runstore.checkpoint import INFO_FILE, expected_files
 from lorafleet.runstore.lease import RunLease
 from lorafleet.runstore.location import RunLocation, folder_name, storage_env
@@ -127,6 +127,7 @@ class Prepared:
     spec: JobSpec
     base: str
     data: TrainingData
+    base_digest: Optional[str] = None
 
 
 def prepare(spec: JobSpec, address: Optional[str] = None, verbose: bool = False) -> Prepared:
@@ -185,7 +186,7 @@ def prepare(spec: JobSpec, address: Optional[str] = None, verbose: bool = False)
     else:
         data = TrainingData.from_spec(spec, tokenizer, warn=True)
     data.source = source
-    return Prepared(spec=spec, base=base, data=data)
+    return Prepared(spec=spec, base=base, data=data, base_digest=weights_digest(spec, base))
 
 
 def data_change(recorded: dict[str, Any], current: dict[str, Any]) -> Optional[str]:
@@ -412,7 +413,8 @@ def make_trainer(
         train_loop_per_worker,
         # Ray Train puts the loop and its config in the object store once; every worker reads the data from there.
         train_loop_config=WorkerInputs(
-            spec.model_dump_json(), prepared.base, prepared.data, channel=channel, step_hooks=tuple(step_hooks)
+            spec.model_dump_json(), prepared.base, prepared.data, channel=channel, step_hooks=tuple(step_hooks),
+            base_digest=prepared.base_digest,
         ).config(),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(

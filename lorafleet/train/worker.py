@@ -373,6 +373,8 @@ class WorkerInputs:
         data ([`TrainingData`]): The samples the driver tokenized and checked.
         channel (`ray.util.queue.Queue`, *optional*): Where rank 0 sends step metrics and events for the driver.
         step_hooks (`Sequence[StepHook]`, *optional*, defaults to `()`): Run on every worker before each step.
+        base_digest (`str`, *optional*): [`~lorafleet.model.build.weights_digest`] of `base`, which a node that
+            materializes the base itself must reproduce.
     """
 
     spec: str
@@ -380,6 +382,7 @@ class WorkerInputs:
     data: TrainingData
     channel: Any = None
     step_hooks: Sequence[StepHook] = ()
+    base_digest: Optional[str] = None
 
     _KEY = "lorafleet"
 
@@ -565,7 +568,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(spec.training.seed, ctx.rank)
     data = inputs.data
     plan = data.plan(spec)
-    base = local_base(spec, inputs.base)
+    base = local_base(spec, inputs.base, inputs.base_digest)
     model, kernels = build_model(spec, base, ctx.device, invocation_tokens=data.invocation_tokens)
     clock.lap("worker_model")
     strategy = make_strategy(model, spec, ctx.device, kernels)

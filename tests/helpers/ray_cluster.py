@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import psutil
 import requests
@@ -24,6 +25,19 @@ import requests
 from helpers.net import free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
+
+
+def can_hide_folders() -> bool:
+    """Whether this machine lets a process mount over a folder in a mount namespace of its own (root in a container,
+    as CI runs), which `add_node(hide=...)` needs."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = tempfile.mkdtemp(prefix="lf-hide-probe-")
+    try:
+        command = ["unshare", "--mount", "--propagation", "private", "mount", "-t", "tmpfs", "probe", probe]
+        return subprocess.run(command, capture_output=True).returncode == 0
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
 
 
 class LocalRayCluster:
@@ -92,7 +106,7 @@ class LocalRayCluster:
             env["RAY_AUTH_TOKEN"] = self.token
         return env
 
-    def _start(self, *args: str, attempt: int = 0) -> None:
+    def _start(self, *args: str, attempt: int = 0, env: Optional[dict] = None, hide: Sequence[str] = ()) -> None:
         ports = [
             f"--node-manager-port={free_port()}",
             f"--object-manager-port={free_port()}",
@@ -101,8 +115,14 @@ class LocalRayCluster:
             f"--runtime-env-agent-port={free_port()}",
         ]
         temp = [f"--temp-dir={self.temp_dir}"] if "--head" in args else []
-        result = subprocess.run([RAY, "start", *args, *ports, *temp, "--disable-usage-stats"], env=self.env,
-                                capture_output=True, text=True, timeout=180)
+        command = [RAY, "start", *args, *ports, *temp, "--disable-usage-stats"]
+        if hide:
+            # A mount namespace of the node's own (its raylet and workers inherit it), with an empty tmpfs over each
+            # hidden folder: this node cannot see what lives only on the head's disk, as on another machine.
+            mounts = " && ".join(f"mount -t tmpfs -o size=1m lorafleet-hidden {shlex.quote(h)}" for h in hide)
+            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                       f"{mounts} && exec {shlex.join(command)}"]
+        result = subprocess.run(command, env=env or self.env, capture_output=True, text=True, timeout=180)
         if result.returncode != 0 and "timed out during startup" in result.stderr and attempt == 0:
             # `ray start` waits a fixed 30 s for the raylet to register; on a loaded 2-core CI box that is sometimes
             # too short. Start over once, on fresh ports.
@@ -113,14 +133,25 @@ class LocalRayCluster:
                 args = tuple(a for a in args if not a.startswith(stale))
                 args += (f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
                          f"--metrics-export-port={self.metrics_port}")
-            return self._start(*args, attempt=1)
+            return self._start(*args, attempt=1, env=env, hide=hide)
         if result.returncode != 0:
             self.shutdown()
             raise RuntimeError(f"ray start failed:\n{result.stdout}\n{result.stderr[-3000:]}")
 
-    def add_node(self, node_ip: str, num_cpus: int = 1) -> None:
-        """Join a worker node (its own raylet) with a different node IP, e.g. 127.0.0.2."""
-        self._start(f"--address={self.gcs_address}", f"--node-ip-address={node_ip}", f"--num-cpus={num_cpus}")
+    def add_node(self, node_ip: str, num_cpus: int = 1, lorafleet_home: Optional[str] = None,
+                 hide: Sequence[str] = ()) -> None:
+        """Join a worker node (its own raylet) with a different node IP, e.g. 127.0.0.2.
+
+        Args:
+            node_ip (`str`): The node's IP address.
+            num_cpus (`int`, *optional*, defaults to 1): Its CPUs.
+            lorafleet_home (`str`, *optional*): `LORAFLEET_HOME` of its processes (default: the head's).
+            hide (`Sequence[str]`, *optional*): Folders the node must not see (needs mount namespaces:
+                [`can_hide_folders`]).
+        """
+        env = dict(self.env, LORAFLEET_HOME=lorafleet_home) if lorafleet_home else None
+        self._start(f"--address={self.gcs_address}", f"--node-ip-address={node_ip}", f"--num-cpus={num_cpus}",
+                    env=env, hide=hide)
 
     def _wait_dashboard(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout

@@ -15,7 +15,7 @@ import pytest
 
 from lorafleet import bases
 from lorafleet.model.build import (build_model, load_tokenizer_for, local_base, materialize, materialize_builtin,
-                                   resolve_base_model)
+                                   resolve_base_model, weights_digest)
 from lorafleet.model.device import fast_bf16, torch_dtype
 from lorafleet.spec import ModelSpec, SpecError, load_spec
 from lorafleet.train.strategies import DDPStrategy
@@ -74,9 +74,14 @@ def test_a_node_without_the_drivers_folder_materializes_its_own_base(tmp_path, m
     monkeypatch.setenv("LORAFLEET_HOME", str(tmp_path / "node2"))
     spec = load_spec(TEST_JOB, ["model.config={num_hidden_layers: 1}"])
     elsewhere = str(tmp_path / "driver-only" / "llama-abc")  # the driver's path, absent on this node
-    here = local_base(spec, elsewhere)
+    # The driver's base, materialized in its own home: the digest the workers receive.
+    driver_digest = weights_digest(spec, str(materialize(spec.model, root=tmp_path / "driver-home")))
+    here = local_base(spec, elsewhere, driver_digest)
     assert here != elsewhere and Path(here, "config.json").exists() and str(tmp_path / "node2") in here
+    assert weights_digest(spec, here) == driver_digest  # the same seed: the same weights on every node
     assert local_base(spec, here) == here
+    with pytest.raises(RuntimeError, match=r"is not the driver's \(weights sha256 [0-9a-f]{12}, the driver's 0{12}"):
+        local_base(spec, elsewhere, "0" * 64)  # a node whose torch initializes otherwise
     hub = load_spec(TEST_JOB, ["model.architecture=null", "model.config={}", "model.name_or_path=org/model"])
     assert local_base(hub, "org/model") == "org/model"  # a hub id is not a folder, and is loaded as given
 
