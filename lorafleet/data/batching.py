@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import bisect
+import heapq
 import logging
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 
 from lorafleet.constants import IGNORE_INDEX
@@ -17,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 def pack_samples(samples: Sequence[dict], max_length: int) -> list[dict]:
-    """Pack samples into rows of at most `max_length` tokens (first-fit decreasing, deterministic).
+    """Pack samples into rows of at most `max_length` tokens (best-fit decreasing, deterministic).
 
     Args:
         samples (`Sequence[dict]`): Samples with `input_ids` and `labels`, each at most `max_length` long.
@@ -43,7 +45,11 @@ def pack_samples(samples: Sequence[dict], max_length: int) -> list[dict]:
 
 
 def pack_bins(lengths: Sequence[int], max_length: int) -> list[list[int]]:
-    """Which samples [`pack_samples`] puts in each row: first-fit decreasing over `lengths` (ties by index).
+    """Which samples [`pack_samples`] puts in each row: best-fit decreasing over `lengths` (longest sample first, ties
+    by index; each goes to the fullest row that still has room, ties by the older row, else starts a new row).
+
+    Rows are bucketed by free space (an integer in `[0, max_length]`), so a placement costs a bisect over the distinct
+    free spaces and a heap operation, not a search over every open row: a million samples pack in seconds.
 
     Example:
 
@@ -52,22 +58,33 @@ def pack_bins(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     [[2, 0], [1]]
     ```
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    sizes = np.asarray(lengths, dtype=np.int64)
+    if len(sizes) and sizes.max() > max_length:
+        i = int(np.argmax(sizes > max_length))
+        raise ValueError(f"sample {i} has {int(sizes[i])} tokens, more than max_length={max_length}")
+    order = np.argsort(-sizes, kind="stable")  # stable: ties keep index order
     bins: list[list[int]] = []
-    # (free space, bin index) kept sorted: first fit == the fullest bin that still has room, found by bisect.
-    free: list[tuple[int, int]] = []
-    for i in order:
-        n = lengths[i]
-        if n > max_length:
-            raise ValueError(f"sample {i} has {n} tokens, more than max_length={max_length}")
-        j = bisect.bisect_left(free, (n, -1))
-        if j == len(free):
+    rows_with: dict[int, list[int]] = {}  # free space -> heap of the row indices that have exactly that much
+    spaces: list[int] = []  # the free spaces some row has, sorted
+    for i, n in zip(order.tolist(), sizes[order].tolist()):
+        j = bisect.bisect_left(spaces, n)
+        if j == len(spaces):
+            row, left = len(bins), max_length - n
             bins.append([i])
-            bisect.insort(free, (max_length - n, len(bins) - 1))
         else:
-            space, b = free.pop(j)
-            bins[b].append(i)
-            bisect.insort(free, (space - n, b))
+            space = spaces[j]
+            heap = rows_with[space]
+            row = heapq.heappop(heap)
+            if not heap:
+                del rows_with[space], spaces[j]
+            bins[row].append(i)
+            left = space - n
+        heap = rows_with.get(left)
+        if heap is None:
+            rows_with[left] = [row]
+            bisect.insort(spaces, left)
+        else:
+            heapq.heappush(heap, row)
     return bins
 
 

@@ -213,7 +213,7 @@ def test_packed_row_loss_equals_separate_samples(tok, tiny_llama):
     spec = DataSpec(path=str(TASKS), max_length=256)
     samples = prepare_samples(spec, tok, load_records(spec)[:6])
     [row] = pack_samples(samples, max_length=256)
-    order = sorted(samples, key=lambda s: -len(s["input_ids"]))  # first-fit decreasing puts longest first
+    order = sorted(samples, key=lambda s: -len(s["input_ids"]))  # best-fit decreasing puts longest first
     with torch.no_grad():
         batch = collate([row], tok.pad_token_id)
         assert "attention_mask" not in batch
