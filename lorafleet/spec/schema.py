@@ -248,7 +248,7 @@ class DataSpec(_Section):
         description="A .jsonl, .json or .parquet file, a directory saved by `datasets`, or (read through the tokenized "
         "cache, see `cache`) a folder of such files, a glob (`data/part-*.jsonl`), or an `s3://` / `gs://` prefix of "
         "them (read with the checkpoint storage's credentials and `checkpoint.endpoint`); files are read sorted by path. "
-        "Exclusive with `hub`.",
+        "Give it or `hub`, not both.",
     )
     hub: Optional[HubSpec] = Field(
         None,
