@@ -14,6 +14,8 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # Materialized models and default run storage go to a throwaway home unless CI already chose one.
 os.environ.setdefault("LORAFLEET_HOME", tempfile.mkdtemp(prefix="lorafleet-test-home-"))
+# So does what `datasets.load_dataset` writes (data.hub examples and tests): read once, when datasets is imported.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="lorafleet-test-hf-datasets-"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 TESTS = Path(__file__).resolve().parent

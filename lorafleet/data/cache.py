@@ -39,6 +39,7 @@ from lorafleet.constants import IGNORE_INDEX
 from lorafleet.data.alora import Invocation
 from lorafleet.data.batching import pack_bins, packed_row
 from lorafleet.data.encode import KEPT, NO_INVOCATION, encode_rows
+from lorafleet.data.hub import load_hub
 from lorafleet.data.sources import (
     Chunk,
     SourceFile,
@@ -382,8 +383,6 @@ def _build(spec: JobSpec, tokenizer, invocation, use_ray, start_ray, files, key:
     if files is not None:
         sources = list(files)
     elif spec.data.hub is not None:
-        from lorafleet.data.hub import load_hub
-
         sources = load_hub(spec.data.hub).files
     else:
         sources = data_sources(spec.data, endpoint)
