@@ -14,6 +14,8 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # Materialized models and default run storage go to a throwaway home unless CI already chose one.
 os.environ.setdefault("LORAFLEET_HOME", tempfile.mkdtemp(prefix="lorafleet-test-home-"))
+# So does what `datasets.load_dataset` writes (data.hub examples and tests): read once, when datasets is imported.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="lorafleet-test-hf-datasets-"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 TESTS = Path(__file__).resolve().parent
@@ -27,6 +29,7 @@ from lorafleet.data.tokenizer import load_tokenizer  # noqa: E402
 
 from helpers.cli import run_cli  # noqa: E402
 from helpers.gcs_server import running_gcs_server  # noqa: E402
+from helpers.hub import hub_env  # noqa: E402
 from helpers.models import save_family_models  # noqa: E402
 from helpers.ray_cluster import LocalRayCluster  # noqa: E402
 from helpers.s3_server import running_s3_server  # noqa: E402
@@ -108,6 +111,21 @@ def gcs_server():
     """fake-gcs-server on 127.0.0.1 with one bucket, for the module's duration (no environment variable set)."""
     with running_gcs_server() as server:
         yield server
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> dict[str, str]:
+    """`datasets` offline with its cache in this test's folder (here and, through the returned environment, in a
+    `lorafleet` subprocess), so hub tests read only local dataset folders and leave nothing in the user's cache."""
+    import datasets
+
+    env = hub_env(tmp_path / "hf-datasets")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # datasets reads these variables once, at import.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", Path(env["HF_DATASETS_CACHE"]))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    return env
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""The tokenized cache: `data.path` read, checked, templated, tokenized and masked once, as Arrow shards in the run
-storage, read back by global sample index with memory that does not grow with the dataset.
+"""The tokenized cache: `data.path` (or `data.hub`) read, checked, templated, tokenized and masked once, as Arrow
+shards in the run storage, read back by global sample index with memory that does not grow with the dataset.
 
 [`build_cache`] runs [`~lorafleet.data.sources.read_chunk`] + [`~lorafleet.data.encode.encode_rows`] over the
 chunks of the data files: as Ray Data tasks spread over the cluster's CPUs (streamed back in order, one chunk at a
@@ -39,14 +39,16 @@ from lorafleet.constants import IGNORE_INDEX
 from lorafleet.data.alora import Invocation
 from lorafleet.data.batching import pack_bins, packed_row
 from lorafleet.data.encode import KEPT, NO_INVOCATION, encode_rows
+from lorafleet.data.hub import load_hub
 from lorafleet.data.sources import (
     Chunk,
     SourceFile,
+    data_sources,
     is_saved_dataset,
     lines_before,
-    list_sources,
     plan_chunks,
     read_chunk,
+    saved_dataset_sources,
 )
 from lorafleet.runstore.location import filesystem_for, split_uri
 from lorafleet.spec import JobSpec, SpecError, spec_from_json
@@ -61,8 +63,8 @@ CACHE_FOLDER = "_cache/tokenized"
 # Below this much local data the cache is built in the driver process: Ray Data's start (~5-10 s) would cost more
 # than tokenizing, and bad data fails before Ray starts, as on the in-memory path.
 INLINE_BYTES = int(os.environ.get("LORAFLEET_CACHE_INLINE_BYTES", 32 << 20))
-# `data.cache: auto` turns the cache on for a single local file from this size on (folders, globs and object-store
-# prefixes always use it).
+# `data.cache: auto` turns the cache on for a single local file (or a saved `datasets` folder's Arrow files) from this
+# size on (folders, globs, object-store prefixes and hub data always use it).
 AUTO_BYTES = 256 << 20
 # Rows per Arrow shard file.
 SHARD_ROWS = 200_000
@@ -83,8 +85,8 @@ SCHEMA = pa.schema([
 
 def uses_cache(spec: JobSpec) -> bool:
     """Whether a job reads its training data through the tokenized cache (`data.cache`; `auto`: for a folder of
-    shards, a glob, an object-store prefix (as `data.path` or `data.eval_path`), or a local file of [`AUTO_BYTES`] or
-    more).
+    shards, a glob, an object-store prefix (as `data.path` or `data.eval_path`), a local file or a saved `datasets`
+    folder of [`AUTO_BYTES`] or more; always for `data.hub` / `data.eval_hub`).
 
     Example:
 
@@ -95,12 +97,19 @@ def uses_cache(spec: JobSpec) -> bool:
     ```
     """
     choice = spec.data.cache
+    if spec.data.hub is not None or spec.data.eval_hub is not None:
+        return True  # the workers never load hub data themselves (the spec refuses `cache: false` with it)
     if choice != "auto":
         return bool(choice)
     path = spec.data.path
     if is_sharded(path) or (spec.data.eval_path is not None and is_sharded(spec.data.eval_path)):
         return True
     local = Path(split_uri(path)[1])
+    if is_saved_dataset(str(local)):
+        try:
+            return sum(s.size for s in saved_dataset_sources(local)) >= AUTO_BYTES
+        except SpecError:
+            return False  # read in memory, which names the damage
     return local.is_file() and local.stat().st_size >= AUTO_BYTES
 
 
@@ -124,7 +133,7 @@ def cache_key(spec: JobSpec, tokenizer, source: dict[str, Any], invocation: Opti
     vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     payload = {
         "version": CACHE_VERSION,
-        "source": {k: v for k, v in source.items() if k not in ("eval_path", "eval_fraction")},
+        "source": {k: v for k, v in source.items() if k not in ("eval_path", "eval_fraction", "eval_hub")},
         "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(),
         "special": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
         "chat_template": getattr(tokenizer, "chat_template", None),
@@ -247,6 +256,15 @@ def _tables_in_driver(chunks, sources, spec, tokenizer, invocation, endpoint) ->
 def _tables_on_ray_data(chunks, sources, spec, tokenizer, invocation, endpoint) -> Iterator[pa.Table]:
     import ray.data
 
+    remote_args = {}
+    if any(s.label for s in sources):
+        # A hub dataset's Arrow files are on the driver's disk (the `datasets` cache), which other nodes cannot read:
+        # its tasks run on the driver's node.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        remote_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                            soft=False)
+
     context = ray.data.DataContext.get_current()
     before = context.execution_options.preserve_order
     # Rows must come back in file order: sample i of the cache is sample i of the in-memory path.
@@ -263,6 +281,7 @@ def _tables_on_ray_data(chunks, sources, spec, tokenizer, invocation, endpoint) 
             batch_size=1,
             batch_format="numpy",
             num_cpus=1,
+            **remote_args,
             fn_kwargs=dict(sources=sources, chunks=chunks, spec_json=spec.model_dump_json(), tokenizer=tokenizer,
                            invocation=invocation, endpoint=endpoint),
         )
@@ -314,24 +333,29 @@ def build_cache(
     invocation: Optional[Invocation] = None,
     use_ray: Optional[bool] = None,
     start_ray: Optional[Callable[[], Any]] = None,
+    files: Optional[Sequence[SourceFile]] = None,
 ) -> tuple[TokenCache, CacheReport]:
     """Build the job's tokenized cache, or find it already built (same key: [`cache_key`]).
 
     Args:
         spec ([`~lorafleet.spec.JobSpec`]): The validated spec (`data`, `checkpoint.storage`).
         tokenizer ([`~transformers.PreTrainedTokenizerBase`]): The base model's tokenizer.
-        source (`dict`): The data files' fingerprint ([`~lorafleet.data.sources.data_fingerprint`]).
+        source (`dict`): The data files' fingerprint ([`~lorafleet.data.sources.data_fingerprint`], or
+            [`~lorafleet.data.hub.HubSource`]'s `fingerprint` for `data.hub`).
         invocation ([`~lorafleet.data.alora.Invocation`], *optional*): For aLoRA jobs.
         use_ray (`bool`, *optional*):
             Tokenize in Ray Data tasks; default: unless the data is local and under [`INLINE_BYTES`].
         start_ray (`Callable`, *optional*): Called before the first Ray Data use (starts or joins Ray).
+        files (`list[SourceFile]`, *optional*):
+            The data files, when already listed (a loaded hub dataset's: [`~lorafleet.data.hub.load_hub`]); default:
+            those of `data.path` ([`~lorafleet.data.sources.data_sources`]), or `data.hub` loaded here.
 
     Returns:
         `tuple[TokenCache, CacheReport]`
 
     Raises:
-        [`~lorafleet.spec.SpecError`]: The first bad record (file and line, or record number), unless
-        `data.on_bad_record: skip`; a file that cannot be read; no sample left.
+        [`~lorafleet.spec.SpecError`]: The first bad record (file and line, or record number; for `data.hub`, the
+        dataset and row of the split), unless `data.on_bad_record: skip`; a file that cannot be read; no sample left.
 
     Example:
 
@@ -359,11 +383,28 @@ def build_cache(
     if index is not None:
         report = CacheReport(**{**index["report"], "reused": True, "build_s": 0.0, "uri": uri})
         return TokenCache(uri, endpoint, index), report
-    if is_saved_dataset(spec.data.path):
-        raise SpecError("data.cache: a saved `datasets` folder is read in memory, not cached; set data.cache: false "
-                        "(or save it as .parquet / .jsonl shards)")
+    try:
+        return _build(spec, tokenizer, invocation, use_ray, start_ray, files, key, scheme, folder)
+    except SpecError as exc:
+        if spec.data.hub is None:
+            raise
+        # The readers word their problems for `data.path`; here the records came from `data.hub`.
+        raise SpecError(*(p.replace("data.path:", "data.hub:", 1) for p in exc.problems)) from None
+
+
+def _build(spec: JobSpec, tokenizer, invocation, use_ray, start_ray, files, key: str, scheme: str,
+           folder: str) -> tuple[TokenCache, CacheReport]:
+    """[`build_cache`]'s work when no cache has the key: list, read, encode and publish."""
+    endpoint = spec.checkpoint.endpoint
+    uri = f"{scheme}://{folder}" if scheme else folder
+    filesystem = filesystem_for(scheme, endpoint)
     started = time.perf_counter()
-    sources = list_sources(spec.data.path, endpoint)
+    if files is not None:
+        sources = list(files)
+    elif spec.data.hub is not None:
+        sources = load_hub(spec.data.hub).files
+    else:
+        sources = data_sources(spec.data, endpoint)
     chunks = plan_chunks(sources, endpoint)
     if use_ray is None:
         use_ray = any(s.scheme for s in sources) or sum(s.size for s in sources) > INLINE_BYTES
@@ -403,12 +444,12 @@ def build_cache(
             }, schema=SCHEMA))
         writer.close()
         if report.records == 0:
-            raise SpecError(f"data.path: {spec.data.path} holds no records")
+            raise SpecError(f"data.path: {spec.data.source_name} holds no records")
         report.shards = len(writer.shards)
         report.fill = round(report.tokens / (report.samples * max_length), 4) if report.samples else 0.0
         report.build_s = round(time.perf_counter() - started, 3)
         index = {"version": CACHE_VERSION, "key": key, "shards": writer.shards, "report": report.as_dict(),
-                 "path": spec.data.path}
+                 "path": spec.data.source_name}
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=1))
         _publish(staging, writer.shards, filesystem, folder, local)
     finally:
@@ -430,9 +471,9 @@ def _handle_problems(table, status, chunks, sources, spec, report: CacheReport, 
         chunk = chunks[int(chunk_ids[row])]
         source = sources[chunk.source]
         if source.path.endswith(".jsonl"):
-            where = f"{source.uri}: line {lines_before(source, chunk.start, endpoint) + int(positions[row])}"
+            where = f"{source.shown}: line {lines_before(source, chunk.start, endpoint) + int(positions[row])}"
         else:
-            where = f"{source.uri}: record {int(positions[row])}"
+            where = f"{source.shown}: record {int(positions[row])}"
         if spec.data.on_bad_record == "fail":
             raise SpecError(f"data.path: {where}: {problems[row]} (data.on_bad_record: skip skips such records)")
         report.skipped += 1

@@ -61,6 +61,8 @@ def load_records(spec: DataSpec, skipped: Optional[list[str]] = None) -> list[di
     (3000, ['input', 'instruction', 'output'])
     ```
     """
+    if spec.path is None:
+        raise SpecError(f"{spec.source_field}: read through the tokenized cache only (lorafleet.data.cache)")
     path = Path(spec.path)
     if skipped is None:
         skipped = []

@@ -1,9 +1,11 @@
 """Where a job's data lives, as a list of files: a local file, a local folder of shards, a glob, or an `s3://` /
-`gs://` prefix ([`list_sources`]); the fingerprint a checkpoint records of them ([`data_fingerprint`]); and the work
-units the tokenized cache is built from ([`plan_chunks`], [`read_chunk`]).
+`gs://` prefix ([`list_sources`]), or the Arrow files of a `datasets.save_to_disk` folder ([`saved_dataset_sources`])
+or of a loaded hub dataset ([`~lorafleet.data.hub.load_hub`]); the fingerprint a checkpoint records of them
+([`data_fingerprint`]); and the work units the tokenized cache is built from ([`plan_chunks`], [`read_chunk`]).
 
 Each unit reads its records in file order and checks each one on its own, so a bad record is named by file and
-JSON line (`.jsonl`) or record number (`.json`, `.parquet`) wherever the unit runs, in the driver or in a Ray Data task.
+JSON line (`.jsonl`) or record number (`.json`, `.parquet`, `.arrow`) wherever the unit runs, in the driver or in a Ray
+Data task.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pyarrow import fs
 
 from lorafleet.data.records import _BINARY_MAGIC, _UTF8_BOM, _first_line, _json_error, _record_problem
 from lorafleet.runstore.location import filesystem_for, split_uri
-from lorafleet.spec import SpecError
+from lorafleet.spec import DataSpec, SpecError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 # A .jsonl unit of work: big enough that a task's fixed cost is small against its tokenization, small enough that a
@@ -30,24 +32,36 @@ CHUNK_BYTES = int(os.environ.get("LORAFLEET_CACHE_CHUNK_BYTES", 8 << 20))
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One data file: `path` on its filesystem (no scheme), `name` relative to the source root, `size` and `mtime`."""
+    """One data file: `path` on its filesystem (no scheme), `name` relative to the source root, `size` and `mtime`.
+
+    A hub dataset's Arrow file lies in the `datasets` cache, a path the user never wrote: it carries a `label` (the
+    dataset, as messages name it) and its first row's number in the split (`offset`), so that a bad record is named
+    by dataset and row of the split instead."""
 
     scheme: str
     path: str
     name: str
     size: int
     mtime: float
+    label: str = ""
+    offset: int = 0
 
     @property
     def uri(self) -> str:
         """The file as a user wrote it (a plain path locally)."""
         return f"{self.scheme}://{self.path}" if self.scheme else self.path
 
+    @property
+    def shown(self) -> str:
+        """How messages name the file: its `label`, else its URI."""
+        return self.label or self.uri
+
 
 @dataclass(frozen=True)
 class Chunk:
     """A unit of work: file `source` (an index into the source list), `start`/`end` bytes of a .jsonl file (a whole
-    file for .json), or one row group of a .parquet file (`start` = row group, `end` = its first row's number)."""
+    file for .json), one row group of a .parquet file (`start` = row group, `end` = its first row's number), or rows
+    `start` to `end` (whole record batches) of an .arrow file."""
 
     source: int
     start: int
@@ -123,11 +137,86 @@ def list_sources(path: str, endpoint: Optional[str] = None, what: str = "data.pa
 
 
 def is_saved_dataset(path: str) -> bool:
-    """Whether `path` is a local folder written by `datasets.save_to_disk` (read in memory, never cached)."""
+    """Whether `path` is a local folder written by `datasets.save_to_disk` (read in memory, or through the cache as
+    its Arrow files: [`saved_dataset_sources`])."""
     folder = Path(path)
     return "://" not in path and folder.is_dir() and (
         (folder / "dataset_dict.json").exists() or (folder / "state.json").exists()
     )
+
+
+def _read_meta(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise SpecError(f"{what}: {path}: damaged saved-dataset file ({_first_line(exc)})") from None
+
+
+def saved_dataset_sources(path: str | Path, what: str = "data.path") -> list[SourceFile]:
+    """The Arrow files of a `datasets.save_to_disk` folder, in row order (its `state.json`'s `_data_files`): of the
+    Dataset, or of a DatasetDict's `train` split, or of its only split (the split the in-memory reader takes too).
+
+    Args:
+        path (`str` or `Path`): The saved folder.
+        what (`str`, *optional*, defaults to `"data.path"`): The field named in errors.
+
+    Returns:
+        `list[SourceFile]`: The `.arrow` files, named relative to `path` (`train/data-00000-of-00002.arrow`).
+
+    Raises:
+        [`~lorafleet.spec.SpecError`]: A damaged or missing metadata file, a listed Arrow file missing, a DatasetDict
+        with several splits and none named `train`.
+
+    Example:
+
+    ```python
+    >>> import tempfile, datasets
+    >>> folder = tempfile.mkdtemp()
+    >>> datasets.Dataset.from_list([{"text": "hello"}] * 3).save_to_disk(folder)
+    >>> [s.name for s in saved_dataset_sources(folder)]
+    ['data-00000-of-00001.arrow']
+    ```
+    """
+    root = Path(path)
+    folder = root
+    if (root / "dataset_dict.json").exists():
+        splits = _read_meta(root / "dataset_dict.json", what).get("splits") or []
+        if "train" in splits:
+            folder = root / "train"
+        elif len(splits) == 1:
+            folder = root / splits[0]
+        else:
+            raise SpecError(f"{what}: saved DatasetDict has splits {sorted(splits)} and no 'train' split")
+    state = _read_meta(folder / "state.json", what)
+    names = [f.get("filename") for f in state.get("_data_files") or [] if isinstance(f, dict)]
+    if not names:
+        raise SpecError(f"{what}: {folder / 'state.json'}: damaged saved-dataset file (no _data_files)")
+    files = []
+    for name in names:
+        file = folder / name
+        try:
+            info = file.stat()
+        except OSError as exc:
+            raise SpecError(f"{what}: {root}: damaged saved dataset (cannot read {file}: "
+                            f"{exc.strerror or exc})") from None
+        files.append(SourceFile("", str(file), file.relative_to(root).as_posix(), info.st_size, info.st_mtime))
+    return files
+
+
+def data_sources(data: DataSpec, endpoint: Optional[str] = None) -> list[SourceFile]:
+    """The data files of `data.path`: a saved `datasets` folder's Arrow files ([`saved_dataset_sources`]), else
+    [`list_sources`]'s (a `data.hub` dataset's files come from [`~lorafleet.data.hub.load_hub`]).
+
+    Example:
+
+    ```python
+    >>> [s.name for s in data_sources(DataSpec(path="jobs/data/tasks.jsonl"))]
+    ['tasks.jsonl']
+    ```
+    """
+    if is_saved_dataset(data.path):
+        return saved_dataset_sources(data.path)
+    return list_sources(data.path, endpoint)
 
 
 def _sha256(path: Path) -> str:
@@ -183,9 +272,37 @@ def data_fingerprint(path: str | Path, endpoint: Optional[str] = None) -> dict[s
     return {"files": {p.relative_to(path).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
 
 
+def _open_arrow(source: SourceFile, endpoint: Optional[str]):
+    """An Arrow stream reader over `source` (memory-mapped when local: skipping batches then reads nothing)."""
+    import pyarrow as pa
+
+    if source.scheme == "":
+        return pa.ipc.open_stream(pa.memory_map(source.path, "r"))
+    return pa.ipc.open_stream(filesystem_for(source.scheme, endpoint).open_input_file(source.path))
+
+
+def _arrow_chunks(k: int, source: SourceFile, endpoint: Optional[str]) -> list[Chunk]:
+    # `datasets` writes record batches of ~1000 rows (its writer_batch_size); one task per batch would make the tasks'
+    # fixed cost dominate, so whole batches are grouped up to about CHUNK_BYTES, as .jsonl files are cut.
+    chunks, start, rows, size = [], 0, 0, 0
+    try:
+        for batch in _open_arrow(source, endpoint):
+            rows += batch.num_rows
+            size += batch.nbytes
+            if size >= CHUNK_BYTES:
+                chunks.append(Chunk(k, start, rows))
+                start, size = rows, 0
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise SpecError(f"data.path: {source.shown}: damaged Arrow file ({_first_line(exc)})") from None
+    if rows > start or not chunks:
+        chunks.append(Chunk(k, start, rows))
+    return chunks
+
+
 def plan_chunks(sources: list[SourceFile], endpoint: Optional[str] = None) -> list[Chunk]:
     """Cut the sources into units of work, in record order: `.jsonl` files at line ends about every
-    [`CHUNK_BYTES`], `.parquet` files by row group, `.json` files whole.
+    [`CHUNK_BYTES`], `.arrow` files at record batch ends about every [`CHUNK_BYTES`], `.parquet` files by row
+    group, `.json` files whole.
 
     Example:
 
@@ -198,6 +315,9 @@ def plan_chunks(sources: list[SourceFile], endpoint: Optional[str] = None) -> li
     chunks = []
     for k, source in enumerate(sources):
         filesystem = filesystem_for(source.scheme, endpoint)
+        if source.path.endswith(".arrow"):
+            chunks.extend(_arrow_chunks(k, source, endpoint))
+            continue
         if source.path.endswith(".parquet"):
             import pyarrow.parquet as pq
 
@@ -256,7 +376,8 @@ class ChunkRecords:
     problem of the whole file (not a record: it fails whatever `data.on_bad_record` says)."""
 
     records: list[dict]
-    positions: list[int]  # per record: its 1-based line in the chunk (.jsonl) or record number in the file
+    # per record: its 1-based line in the chunk (.jsonl) or record number in the file (in the split: a hub dataset)
+    positions: list[int]
     problems: list[tuple[int, str]]  # (position, problem)
     fatal: Optional[str] = None
 
@@ -284,6 +405,8 @@ def read_chunk(source: SourceFile, chunk: Chunk, fmt: str, endpoint: Optional[st
     """
     out = ChunkRecords([], [], [])
     filesystem = filesystem_for(source.scheme, endpoint)
+    if source.path.endswith(".arrow"):
+        return _read_arrow_chunk(out, source, chunk, fmt, endpoint)
     if source.path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -333,6 +456,25 @@ def read_chunk(source: SourceFile, chunk: Chunk, fmt: str, endpoint: Optional[st
             continue
         positions.append(number)
     _check(out, records, positions, fmt)
+    return out
+
+
+def _read_arrow_chunk(out: ChunkRecords, source: SourceFile, chunk: Chunk, fmt: str,
+                      endpoint: Optional[str]) -> ChunkRecords:
+    rows, first = [], 0
+    try:
+        for batch in _open_arrow(source, endpoint):
+            if first >= chunk.end:
+                break
+            if first + batch.num_rows > chunk.start:
+                rows.extend(batch.to_pylist())
+            first += batch.num_rows
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        out.fatal = f"data.path: {source.shown}: damaged Arrow file ({_first_line(exc)})"
+        return out
+    # Chunks hold whole batches (plan_chunks); a record's number counts from the file's (or the split's) first row.
+    first_number = source.offset + chunk.start + 1
+    _check(out, rows, range(first_number, first_number + len(rows)), fmt)
     return out
 
 

@@ -201,12 +201,59 @@ class AloraSpec(_Section):
         return self
 
 
-class DataSpec(_Section):
-    path: str = Field(
+class HubSpec(_Section):
+    name: str = Field(
         ...,
+        min_length=1,
+        description="A Hugging Face Hub dataset id (`org/name`), or anything else `datasets.load_dataset` takes as a "
+        "name (a local folder of .jsonl/.json/.parquet/.csv files, relative to the spec file). Loaded by the driver, "
+        "which needs internet for a hub id; the workers read only the tokenized cache.",
+    )
+    config: Optional[str] = Field(None, description="The dataset's configuration (subset), if it has several.")
+    split: str = Field(
+        "train",
+        min_length=1,
+        description="The split to read, whole (no `train[:10%]` slices: hold records out with `data.eval_fraction`).",
+    )
+    revision: Optional[str] = Field(None, description="A branch, tag or commit of the dataset repository (pin one for "
+                                    "a run that reads the same data on every submit).")
+
+    @field_validator("split")
+    @classmethod
+    def _whole_split(cls, value: str) -> str:
+        if any(c in value for c in "[]+"):
+            raise ValueError(f"a whole split name, not a slice or sum ('{value}'): hold out records with "
+                             "`data.eval_fraction`")
+        return value
+
+    def describe(self) -> str:
+        """The dataset in a few words, as messages name it: `NAME (config C, split S, revision R)`.
+
+        Example:
+
+        ```python
+        >>> HubSpec(name="org/tasks", split="test").describe()
+        'org/tasks (split test)'
+        ```
+        """
+        parts = [f"config {self.config}"] if self.config else []
+        parts.append(f"split {self.split}")
+        parts += [f"revision {self.revision}"] if self.revision else []
+        return f"{self.name} ({', '.join(parts)})"
+
+
+class DataSpec(_Section):
+    path: Optional[str] = Field(
+        None,
         description="A .jsonl, .json or .parquet file, a directory saved by `datasets`, or (read through the tokenized "
         "cache, see `cache`) a folder of such files, a glob (`data/part-*.jsonl`), or an `s3://` / `gs://` prefix of "
-        "them (read with the checkpoint storage's credentials and `checkpoint.endpoint`); files are read sorted by path.",
+        "them (read with the checkpoint storage's credentials and `checkpoint.endpoint`); files are read sorted by path. "
+        "Give it or `hub`, not both.",
+    )
+    hub: Optional[HubSpec] = Field(
+        None,
+        description="A dataset loaded with `datasets.load_dataset(name, config, split=split, revision=revision)` by the "
+        "driver (which needs internet for a hub id), always read through the tokenized cache. Exclusive with `path`.",
     )
     format: Literal["text", "instruction", "chat"] = Field(
         "instruction",
@@ -231,14 +278,20 @@ class DataSpec(_Section):
         None,
         description="A held-out file (any format `path` accepts) whose loss is measured during training (see `eval`). "
         "Shards, a glob or a prefix are read through their own tokenized cache (with `cache` not false). Exclusive with "
-        "`eval_fraction`.",
+        "`eval_fraction` and `eval_hub`.",
+    )
+    eval_hub: Optional[HubSpec] = Field(
+        None,
+        description="A held-out dataset loaded like `hub` (e.g. its `validation` split), read through its own tokenized "
+        "cache. Exclusive with `eval_path` and `eval_fraction`.",
     )
     eval_fraction: Optional[float] = Field(
         None,
         gt=0.0,
         lt=1.0,
         description="Hold out this fraction of the records of `path` for evaluation (floor of fraction x records, "
-        "chosen by a permutation seeded by `training.seed`); held-out records never train. Exclusive with `eval_path`.",
+        "chosen by a permutation seeded by `training.seed`); held-out records never train. Exclusive with `eval_path` "
+        "and `eval_hub`.",
     )
 
     cache: Union[Literal["auto"], bool] = Field(
@@ -248,7 +301,8 @@ class DataSpec(_Section):
         "changes a sample), built by Ray Data tasks on the cluster's CPUs (in the driver for under 32 MB of local "
         "data), and read by the workers memory-mapped, so their memory does not grow with the dataset; same samples, "
         "order and losses as without it. auto: on for a folder of files, a glob, an object-store prefix or a file of "
-        "256 MB or more. Not for a saved `datasets` folder (read in memory); `lorafleet data prepare` builds it ahead.",
+        "256 MB or more (a saved `datasets` folder counts its Arrow files); always on for `hub` data. `lorafleet data "
+        "prepare` builds it ahead.",
     )
     on_bad_record: Literal["fail", "skip"] = Field(
         "fail",
@@ -258,15 +312,31 @@ class DataSpec(_Section):
     )
 
     @model_validator(mode="after")
-    def _one_held_out_set(self) -> "DataSpec":
-        if self.eval_path is not None and self.eval_fraction is not None:
-            raise ValueError("give at most one of `eval_path` or `eval_fraction`")
+    def _one_source_and_held_out_set(self) -> "DataSpec":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of `path` or `hub` (set the other to null)")
+        held_out = [k for k in ("eval_path", "eval_fraction", "eval_hub") if getattr(self, k) is not None]
+        if len(held_out) > 1:
+            raise ValueError(f"give at most one of `eval_path`, `eval_fraction` or `eval_hub` (got {', '.join(held_out)})")
+        if self.cache is False and (self.hub is not None or self.eval_hub is not None):
+            raise ValueError("`hub` / `eval_hub` data is read through the tokenized cache only: `cache` cannot be false")
         return self
 
     @property
     def evaluates(self) -> bool:
-        """Whether the job has a held-out set (`eval_path` or `eval_fraction`), i.e. evaluation is on."""
-        return self.eval_path is not None or self.eval_fraction is not None
+        """Whether the job has a held-out set (`eval_path`, `eval_fraction` or `eval_hub`), i.e. evaluation is on."""
+        return self.eval_path is not None or self.eval_fraction is not None or self.eval_hub is not None
+
+    @property
+    def source_field(self) -> str:
+        """The field that names the training data: `data.path` or `data.hub` (what errors about the data start
+        with)."""
+        return "data.path" if self.path is not None else "data.hub"
+
+    @property
+    def source_name(self) -> str:
+        """The training data in a few words: `data.path` itself, or the hub dataset ([`HubSpec.describe`])."""
+        return self.path if self.path is not None else self.hub.describe()
 
 
 class TrainingSpec(_Section):
@@ -614,6 +684,13 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     for key in ("path", "eval_path"):
         if isinstance(data, dict) and isinstance(data.get(key), str) and "://" not in data[key]:
             data[key] = str((base / Path(data[key]).expanduser()).resolve())
+    for key in ("hub", "eval_hub"):
+        hub = data.get(key) if isinstance(data, dict) else None
+        if isinstance(hub, dict) and isinstance(hub.get("name"), str) and hub["name"]:
+            # A local dataset folder, like a local model: relative to the spec; a hub id stays as written.
+            candidate = base / Path(hub["name"]).expanduser()
+            if _looks_local(hub["name"]) or candidate.exists():
+                hub["name"] = str(candidate.resolve())
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
         value = model["name_or_path"]

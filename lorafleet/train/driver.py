@@ -38,6 +38,7 @@ from lorafleet.compat.ray import (
 from lorafleet.data.alora import Invocation
 from lorafleet.data.cache import build_cache, is_sharded, uses_cache
 from lorafleet.data.dataset import TrainingData
+from lorafleet.data.hub import load_hub
 from lorafleet.data.sources import data_fingerprint
 from lorafleet.model.build import load_tokenizer_for, resolve_base_model, weights_digest
 from lorafleet.runstore.checkpoint import INFO_FILE, expected_files
@@ -160,12 +161,21 @@ def prepare(spec: JobSpec, address: Optional[str] = None, verbose: bool = False)
         raise SpecError(f"model.name_or_path: cannot load a tokenizer from '{base}' ({str(exc).splitlines()[0]})") from None
 
     # Fingerprinted before reading: were the file to change in between, the checkpoints would claim the older
-    # content, and the next submit would see a change rather than miss one.
-    source = data_fingerprint(spec.data.path, spec.checkpoint.endpoint)
+    # content, and the next submit would see a change rather than miss one. Hub data is loaded here, once: its
+    # fingerprint and the files the cache reads come from the same load.
+    files = eval_files = None
+    if spec.data.hub is not None:
+        loaded = load_hub(spec.data.hub)
+        source, files = dict(loaded.fingerprint), loaded.files
+    else:
+        source = data_fingerprint(spec.data.path, spec.checkpoint.endpoint)
     # The held-out set is part of what a checkpoint was made from: `eval_fraction` decides which records train,
     # and a best evaluation is only comparable on one held-out set (see preflight).
     if spec.data.eval_path is not None:
         source["eval_path"] = data_fingerprint(spec.data.eval_path, spec.checkpoint.endpoint)
+    if spec.data.eval_hub is not None:
+        loaded = load_hub(spec.data.eval_hub, "data.eval_hub")
+        source["eval_hub"], eval_files = loaded.fingerprint, loaded.files
     if spec.data.eval_fraction is not None:
         source["eval_fraction"] = spec.data.eval_fraction
     # aLoRA: the invocation must tokenize to something, and every sample must contain it (or be dropped on request);
@@ -173,15 +183,21 @@ def prepare(spec: JobSpec, address: Optional[str] = None, verbose: bool = False)
     if uses_cache(spec):
         invocation = Invocation.from_spec(spec, tokenizer, warn=True)
         cache, report = build_cache(spec, tokenizer, source, invocation,
-                                    start_ray=lambda: start_ray(address, verbose))
+                                    start_ray=lambda: start_ray(address, verbose), files=files)
         eval_cache = None
-        if spec.data.eval_path is not None and is_sharded(spec.data.eval_path):
-            held_out = spec.model_copy(update={"data": spec.data.model_copy(update={"path": spec.data.eval_path})})
+        if spec.data.eval_hub is not None or (spec.data.eval_path is not None and is_sharded(spec.data.eval_path)):
+            # The held-out data as a job's training data, so that build_cache reads it; its problems are renamed back.
+            if spec.data.eval_hub is not None:
+                field, update = "data.eval_hub", {"path": None, "hub": spec.data.eval_hub, "eval_hub": None}
+            else:
+                field, update = "data.eval_path", {"path": spec.data.eval_path, "hub": None}
+            held_out = spec.model_copy(update={"data": spec.data.model_copy(update=update)})
             try:
-                eval_cache, _ = build_cache(held_out, tokenizer, source["eval_path"], invocation,
-                                            start_ray=lambda: start_ray(address, verbose))
+                eval_cache, _ = build_cache(held_out, tokenizer, source[field.split(".")[1]], invocation,
+                                            start_ray=lambda: start_ray(address, verbose), files=eval_files)
             except SpecError as exc:
-                raise SpecError(*(p.replace("data.path:", "data.eval_path:", 1) for p in exc.problems)) from None
+                raise SpecError(*(p.replace("data.path:", f"{field}:", 1).replace("data.hub:", f"{field}:", 1)
+                                  for p in exc.problems)) from None
         data = TrainingData.from_cache(spec, tokenizer, cache, report, invocation, eval_cache)
     else:
         data = TrainingData.from_spec(spec, tokenizer, warn=True)
@@ -205,6 +221,11 @@ def data_change(recorded: dict[str, Any], current: dict[str, Any]) -> Optional[s
     """
     if recorded == current:
         return None
+    if "hub" in recorded or "hub" in current:
+        if recorded.get("hub") != current.get("hub"):
+            return f"was {_data_kind(recorded)}, now {_data_kind(current)}"
+        if recorded.get("fingerprint") != current.get("fingerprint"):
+            return f"the dataset's fingerprint changed ({recorded.get('fingerprint')} -> {current.get('fingerprint')})"
     if "sha256" in recorded and "sha256" in current:
         if recorded.get("size") != current.get("size"):
             return f"size {recorded.get('size')} -> {current.get('size')} bytes"
@@ -217,6 +238,14 @@ def data_change(recorded: dict[str, Any], current: dict[str, Any]) -> Optional[s
         shown = ", ".join(changes[:3])
         return shown + (f" and {len(changes) - 3} more" if len(changes) > 3 else "")
     return "was a folder, now a file" if "files" in recorded else "was a file, now a folder"
+
+
+def _data_kind(fingerprint: dict[str, Any]) -> str:
+    hub = fingerprint.get("hub")
+    if isinstance(hub, dict):
+        return f"hub dataset {hub.get('name')} (split {hub.get('split')}, config {hub.get('config')}, " \
+               f"revision {hub.get('revision')})"
+    return "a folder" if "files" in fingerprint else "a file"
 
 
 def preflight(prepared: Prepared, location: RunLocation, fresh: bool = False) -> None:
@@ -264,12 +293,13 @@ def preflight(prepared: Prepared, location: RunLocation, fresh: bool = False) ->
     if not isinstance(recorded, dict) or not recorded:
         return
     spec, step = prepared.spec, latest[1].get("step")
-    held_out = ("eval_fraction", "eval_path")  # the fraction first: it changes which records train
+    held_out = ("eval_fraction", "eval_path", "eval_hub")  # the fraction first: it changes which records train
     current = prepared.data.source
     change = data_change(*({k: v for k, v in f.items() if k not in held_out} for f in (recorded, current)))
     if change is not None:
         raise SpecError(
-            f"data.path: {spec.data.path} is not the data run '{spec.name}' was trained on up to step "
+            f"{spec.data.source_field}: {spec.data.source_name} is not the data run '{spec.name}' was trained on up "
+            f"to step "
             f"{step} ({change}); start over with --fresh, or use another name"
         )
     for key in held_out:
@@ -284,7 +314,7 @@ def preflight(prepared: Prepared, location: RunLocation, fresh: bool = False) ->
             )
         what = "added" if before is None else "removed" if now is None else data_change(before, now)
         raise SpecError(
-            f"data.eval_path: the held-out data of run '{spec.name}' differs from what it was evaluated on up to step "
+            f"data.{key}: the held-out data of run '{spec.name}' differs from what it was evaluated on up to step "
             f"{step} ({what}); start over with --fresh, or use another name"
         )
 

@@ -266,3 +266,75 @@ def test_a_broken_file_fails_whatever_on_bad_record_says(tmp_path, tokenizer):
     (folder / "part-003.jsonl").write_bytes(b"\x1f\x8b\x08\x00rest")
     with pytest.raises(SpecError, match=r"part-003.jsonl: binary content, not JSON text \(it is gzip-compressed"):
         cached(spec_for(tmp_path, f"data.path={folder}"), tokenizer)
+
+
+def saved_dataset(folder: Path, records: list[dict], as_dict: bool = False) -> Path:
+    """`records` saved by `datasets.save_to_disk` in 2 Arrow shards (as a DatasetDict's `train` split, next to a
+    `test` split, with `as_dict`)."""
+    import datasets
+
+    train = datasets.Dataset.from_list(records)
+    if as_dict:
+        datasets.DatasetDict({"train": train, "test": train.select(range(5))}).save_to_disk(
+            str(folder), num_shards={"train": 2, "test": 1})
+    else:
+        train.save_to_disk(str(folder), num_shards=2)
+    return folder
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+@pytest.mark.parametrize("overrides", [[], ["data.eval_fraction=0.1", "data.packing=true"]])
+def test_a_saved_dataset_through_the_cache_gives_its_in_memory_samples(tmp_path, tokenizer, monkeypatch, as_dict,
+                                                                        overrides):
+    records = [json.loads(line) for line in TASKS.read_text().splitlines()]
+    folder = saved_dataset(tmp_path / "saved", records, as_dict)
+    # One chunk per record batch (datasets writes 1000 rows per batch): chunks that start inside a file.
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 1)
+    files = sources.saved_dataset_sources(folder)
+    assert [f.name for f in files] == [f"{'train/' if as_dict else ''}data-0000{k}-of-00002.arrow" for k in (0, 1)]
+    assert [(c.start, c.end) for c in sources.plan_chunks(files)] == [(0, 1000), (1000, 1500)] * 2
+    spec = spec_for(tmp_path, f"data.path={folder}", *overrides)
+    data, report = cached(spec, tokenizer)
+    assert report.files == 2 and report.records == 3000
+    memory = TrainingData.from_spec(spec.model_copy(update={"data": spec.data.model_copy(update={"cache": False})}),
+                                    tokenizer)
+    assert_same_data(memory, data, spec)
+    assert_same_data(TrainingData.from_spec(load_spec(TEST_JOB, overrides), tokenizer), data, spec)
+
+
+def test_chat_records_of_a_saved_dataset_read_like_in_memory(tmp_path, tokenizer):
+    chat = JOBS / "data" / "chat_sample.jsonl"
+    folder = saved_dataset(tmp_path / "chat", [json.loads(line) for line in chat.read_text().splitlines()])
+    spec = spec_for(tmp_path, f"data.path={folder}", "data.format=chat")
+    data, _ = cached(spec, tokenizer)
+    assert list(data.samples) == list(TrainingData.from_spec(spec_for(tmp_path, f"data.path={chat}",
+                                                                     "data.format=chat"), tokenizer).samples)
+
+
+def test_a_bad_row_of_a_saved_dataset_is_named_by_file_and_row(tmp_path, tokenizer):
+    records = [json.loads(line) for line in TASKS.read_text().splitlines()]
+    records[1700] = {**records[1700], "output": None}
+    folder = saved_dataset(tmp_path / "saved", records)
+    with pytest.raises(SpecError) as err:
+        cached(spec_for(tmp_path, f"data.path={folder}"), tokenizer)
+    assert err.value.problems == [f"data.path: {folder}/data-00001-of-00002.arrow: record 201: missing 'output' "
+                                  "(data.on_bad_record: skip skips such records)"]
+    spec = spec_for(tmp_path, f"data.path={folder}", "data.on_bad_record=skip")
+    data, report = cached(spec, tokenizer)
+    assert report.skipped == 1 and report.skipped_at == [f"{folder}/data-00001-of-00002.arrow: record 201: "
+                                                         "missing 'output'"]
+    in_memory = spec.model_copy(update={"data": spec.data.model_copy(update={"cache": False})})
+    assert list(data.samples) == list(TrainingData.from_spec(in_memory, tokenizer).samples)
+    (folder / "data-00001-of-00002.arrow").write_bytes(b"\xff\xff\xff\xff not arrow")
+    with pytest.raises(SpecError, match=r"data-00001-of-00002.arrow: damaged Arrow file"):
+        cached(spec_for(tmp_path, f"data.path={folder}", "data.max_length=64"), tokenizer)
+
+
+def test_auto_caches_a_saved_dataset_by_the_size_of_its_arrow_files(tmp_path, monkeypatch):
+    from lorafleet.data import cache
+
+    folder = saved_dataset(tmp_path / "saved", [json.loads(line) for line in TASKS.read_text().splitlines()[:100]])
+    spec = load_spec(TEST_JOB, [f"data.path={folder}"])
+    assert not uses_cache(spec)
+    monkeypatch.setattr(cache, "AUTO_BYTES", sum(f.size for f in sources.saved_dataset_sources(folder)))
+    assert uses_cache(spec)

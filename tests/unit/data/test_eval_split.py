@@ -41,7 +41,8 @@ def test_evaluation_is_off_by_default_and_follows_checkpoints_when_on():
 def test_eval_path_and_fraction_together_are_one_error():
     with pytest.raises(SpecError) as err:
         load_spec(TEST_JOB, ["data.eval_fraction=0.1", "data.eval_path=data/tasks.jsonl"])
-    assert one_problem(err) == "data: give at most one of `eval_path` or `eval_fraction`"
+    assert one_problem(err) == ("data: give at most one of `eval_path`, `eval_fraction` or `eval_hub` "
+                                "(got eval_path, eval_fraction)")
 
 
 @pytest.mark.parametrize("fraction", [0, 1, 1.5, -0.2])
