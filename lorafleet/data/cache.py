@@ -57,6 +57,11 @@ logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
 INDEX_FILE = "index.json"
 CACHE_FOLDER = "_cache/tokenized"
+# Rewritten when a job uses the cache: its modification time is the cache's last use (lorafleet.data.eviction), as
+# object stores cannot touch an object's time. At most once per USE_RECORD_EVERY_S, so that many jobs or trials
+# starting on one cache cost one small write, not one each; eviction is measured in hours and days.
+LAST_USED_FILE = "last_used.json"
+USE_RECORD_EVERY_S = 600
 # Below this much local data the cache is built in the driver process: Ray Data's start (~5-10 s) would cost more
 # than tokenizing, and bad data fails before Ray starts, as on the in-memory path.
 INLINE_BYTES = int(os.environ.get("LORAFLEET_CACHE_INLINE_BYTES", 32 << 20))
@@ -339,6 +344,7 @@ def build_cache(
     index = _read_index(filesystem, folder)
     if index is not None:
         report = CacheReport(**{**index["report"], "reused": True, "build_s": 0.0, "uri": uri})
+        record_use(filesystem, folder)
         return TokenCache(uri, endpoint, index), report
     if is_saved_dataset(spec.data.path):
         raise SpecError("data.cache: a saved `datasets` folder is read in memory, not cached; set data.cache: false "
@@ -391,6 +397,7 @@ def build_cache(
                  "path": spec.data.path}
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=1))
         _publish(staging, writer.shards, filesystem, folder, local)
+        record_use(filesystem, folder)
     finally:
         writer.close()
         shutil.rmtree(staging, ignore_errors=True)
@@ -435,6 +442,58 @@ def _publish(staging: Path, shards: list[dict], filesystem: fs.FileSystem, folde
                       destination_filesystem=filesystem)
 
 
+def record_use(filesystem: fs.FileSystem, folder: str, every_s: float = USE_RECORD_EVERY_S) -> bool:
+    """Record that a job uses the cache in `folder`: rewrite its [`LAST_USED_FILE`], unless that was done less than
+    `every_s` seconds ago (one lookup then, no write). Never fails a job: a storage error is logged and ignored.
+
+    Args:
+        filesystem (`pyarrow.fs.FileSystem`): The storage's filesystem.
+        folder (`str`): The cache folder on it.
+        every_s (`float`, *optional*, defaults to [`USE_RECORD_EVERY_S`]): The least time between two writes.
+
+    Returns:
+        `bool`: Whether the marker was written.
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> record_use(fs.LocalFileSystem(), folder), record_use(fs.LocalFileSystem(), folder)
+    (True, False)
+    ```
+    """
+    marker = f"{folder}/{LAST_USED_FILE}"
+    try:
+        info = filesystem.get_file_info(marker)
+        # The stored time is the storage's clock (an object's upload time): only compared with this machine's here.
+        if info.type == fs.FileType.File and info.mtime is not None and time.time() - info.mtime.timestamp() < every_s:
+            return False
+        with filesystem.open_output_stream(marker) as out:
+            out.write(json.dumps({"last_used": time.time()}).encode())
+        return True
+    except (OSError, ValueError) as exc:
+        logger.debug("data: cannot record the use of the cache %s (%s)", folder, exc)
+        return False
+
+
+def mirror_root() -> Path:
+    """This machine's folder of object-store caches copied for reading: `$LORAFLEET_HOME/cache/tokenized/`, one
+    `<key>/` per cache (shards, `index.json`, [`LAST_USED_FILE`]), listed and pruned like a storage's caches by
+    `lorafleet data cache list|prune --local`."""
+    return lorafleet_home() / "cache" / "tokenized"
+
+
+def _complete_mirror(mirror: Path, index: dict[str, Any]) -> None:
+    """Mark a mirror complete and used, as a storage's cache is: its `index.json` once every shard is there (written
+    whole or not at all), and its use (a local write costs nothing, so every open records it)."""
+    if not (mirror / INDEX_FILE).exists():
+        partial = mirror / f".{INDEX_FILE}.part-{os.getpid()}"
+        partial.write_text(json.dumps(index, indent=1))
+        os.replace(partial, mirror / INDEX_FILE)
+    (mirror / LAST_USED_FILE).write_text(json.dumps({"last_used": time.time()}))
+
+
 class TokenCache:
     """A built tokenized cache, read by global row (one row per valid record, in file order).
 
@@ -472,7 +531,7 @@ class TokenCache:
         scheme, folder = split_uri(self.uri)
         if scheme == "":
             return Path(folder)
-        mirror = lorafleet_home() / "cache" / "tokenized" / self.index["key"]
+        mirror = mirror_root() / self.index["key"]
         mirror.mkdir(parents=True, exist_ok=True)
         filesystem = filesystem_for(scheme, self.endpoint)
         for shard in self.index["shards"]:
@@ -485,6 +544,7 @@ class TokenCache:
             fs.copy_files(remote, str(partial), source_filesystem=filesystem,
                           destination_filesystem=fs.LocalFileSystem())
             os.replace(partial, target)  # atomic: a concurrent reader sees the whole file or none
+        _complete_mirror(mirror, self.index)
         return mirror
 
     def _open(self) -> None:
