@@ -245,6 +245,11 @@ def list_caches(store: CacheStore, now: Optional[float] = None) -> list[CacheEnt
             bucket = store.folder.split("/", 1)[0]
             if filesystem.get_file_info(bucket).type == fs.FileType.NotFound:
                 raise CacheStoreError(f"{store.scheme}://{bucket}: no such bucket")
+        else:
+            # Likewise under a file: a storage path that can hold no run is a mistake, not an empty storage.
+            existing = next(p for p in (Path(store.folder), *Path(store.folder).parents) if p.exists())
+            if not existing.is_dir():
+                raise CacheStoreError(f"{store.uri}: cannot list ({existing} is a file)")
         infos = filesystem.get_file_info(fs.FileSelector(store.folder, recursive=True, allow_not_found=True))
     except (OSError, ValueError) as exc:
         raise CacheStoreError(f"{store.uri}: cannot list ({storage_error_cause(exc)})") from None
