@@ -8,7 +8,8 @@ so bad data still fails before Ray starts). The result is `<storage>/_cache/toke
 (one row per valid record: `input_ids`, `labels`, `alora_start`, `status`, `length`, `targets`) and `index.json`,
 written last. The key ([`cache_key`]) is a hash of the data files' fingerprint, the tokenizer and every field that
 changes a sample, so any job on that storage with the same data and settings (another name, a sweep trial, a
-re-submit) reuses it, and any change builds a new one.
+re-submit) reuses it, and any change builds a new one. A job that builds or finds it records that use
+([`record_use`]); nothing here removes a cache: [`~lorafleet.data.eviction`] lists and evicts them.
 
 [`TokenCache`] memory-maps the shards (downloaded once per machine from an object store) and
 [`CachedSamples`] is the sequence of samples the worker indexes, in exactly the order the in-memory path gives
@@ -499,7 +500,9 @@ class TokenCache:
 
     The shards are memory-mapped: reading a row touches only its pages, and the OS can drop them again, so a
     worker's memory for data does not grow with the dataset. On an object store the shards are first copied to
-    `$LORAFLEET_HOME/cache/tokenized/<key>/` on the reading machine (once; checked by size).
+    `$LORAFLEET_HOME/cache/tokenized/<key>/` on the reading machine (once; checked by size), with the cache's
+    `index.json` and a [`LAST_USED_FILE`] rewritten at every open, so `lorafleet data cache list|prune --local` sees
+    these copies as caches ([`mirror_root`]).
 
     Args:
         uri (`str`): The cache folder (a local path, `s3://...`, `gs://...`).
