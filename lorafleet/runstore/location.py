@@ -133,8 +133,10 @@ def storage_endpoint(scheme: str, endpoint: Optional[str] = None) -> Optional[st
     True
     ```
     """
-    if scheme == "" or endpoint:
-        return endpoint or None
+    if scheme == "":
+        return None
+    if endpoint:
+        return endpoint
     if scheme == "s3":
         return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
     # `STORAGE_EMULATOR_HOST` is how the Google clients (google-cloud-storage, gcsfs) are pointed at an emulator;
