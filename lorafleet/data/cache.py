@@ -8,7 +8,8 @@ so bad data still fails before Ray starts). The result is `<storage>/_cache/toke
 (one row per valid record: `input_ids`, `labels`, `alora_start`, `status`, `length`, `targets`) and `index.json`,
 written last. The key ([`cache_key`]) is a hash of the data files' fingerprint, the tokenizer and every field that
 changes a sample, so any job on that storage with the same data and settings (another name, a sweep trial, a
-re-submit) reuses it, and any change builds a new one.
+re-submit) reuses it, and any change builds a new one. A job that builds or finds it records that use
+([`record_use`]); nothing here removes a cache: [`~lorafleet.data.eviction`] lists and evicts them.
 
 [`TokenCache`] memory-maps the shards (downloaded once per machine from an object store) and
 [`CachedSamples`] is the sequence of samples the worker indexes, in exactly the order the in-memory path gives
@@ -60,6 +61,11 @@ logger = logging.getLogger(__name__)
 CACHE_VERSION = 2
 INDEX_FILE = "index.json"
 CACHE_FOLDER = "_cache/tokenized"
+# Rewritten when a job uses the cache: its modification time is the cache's last use (lorafleet.data.eviction), as
+# object stores cannot touch an object's time. At most once per USE_RECORD_EVERY_S, so that many jobs or trials
+# starting on one cache cost one small write, not one each; eviction is measured in hours and days.
+LAST_USED_FILE = "last_used.json"
+USE_RECORD_EVERY_S = 600
 # Below this much local data the cache is built in the driver process: Ray Data's start (~5-10 s) would cost more
 # than tokenizing, and bad data fails before Ray starts, as on the in-memory path.
 INLINE_BYTES = int(os.environ.get("LORAFLEET_CACHE_INLINE_BYTES", 32 << 20))
@@ -382,6 +388,7 @@ def build_cache(
     index = _read_index(filesystem, folder)
     if index is not None:
         report = CacheReport(**{**index["report"], "reused": True, "build_s": 0.0, "uri": uri})
+        record_use(filesystem, folder)
         return TokenCache(uri, endpoint, index), report
     try:
         return _build(spec, tokenizer, invocation, use_ray, start_ray, files, key, scheme, folder)
@@ -452,6 +459,7 @@ def _build(spec: JobSpec, tokenizer, invocation, use_ray, start_ray, files, key:
                  "path": spec.data.source_name}
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=1))
         _publish(staging, writer.shards, filesystem, folder, local)
+        record_use(filesystem, folder)
     finally:
         writer.close()
         shutil.rmtree(staging, ignore_errors=True)
@@ -496,12 +504,66 @@ def _publish(staging: Path, shards: list[dict], filesystem: fs.FileSystem, folde
                       destination_filesystem=filesystem)
 
 
+def record_use(filesystem: fs.FileSystem, folder: str, every_s: float = USE_RECORD_EVERY_S) -> bool:
+    """Record that a job uses the cache in `folder`: rewrite its [`LAST_USED_FILE`], unless that was done less than
+    `every_s` seconds ago (one lookup then, no write). Never fails a job: a storage error is logged and ignored.
+
+    Args:
+        filesystem (`pyarrow.fs.FileSystem`): The storage's filesystem.
+        folder (`str`): The cache folder on it.
+        every_s (`float`, *optional*, defaults to [`USE_RECORD_EVERY_S`]): The least time between two writes.
+
+    Returns:
+        `bool`: Whether the marker was written.
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> record_use(fs.LocalFileSystem(), folder), record_use(fs.LocalFileSystem(), folder)
+    (True, False)
+    ```
+    """
+    marker = f"{folder}/{LAST_USED_FILE}"
+    try:
+        info = filesystem.get_file_info(marker)
+        # The stored time is the storage's clock (an object's upload time): only compared with this machine's here.
+        if info.type == fs.FileType.File and info.mtime is not None and time.time() - info.mtime.timestamp() < every_s:
+            return False
+        with filesystem.open_output_stream(marker) as out:
+            out.write(json.dumps({"last_used": time.time()}).encode())
+        return True
+    except (OSError, ValueError) as exc:
+        logger.debug("data: cannot record the use of the cache %s (%s)", folder, exc)
+        return False
+
+
+def mirror_root() -> Path:
+    """This machine's folder of object-store caches copied for reading: `$LORAFLEET_HOME/cache/tokenized/`, one
+    `<key>/` per cache (shards, `index.json`, [`LAST_USED_FILE`]), listed and pruned like a storage's caches by
+    `lorafleet data cache list|prune --local`."""
+    return lorafleet_home() / "cache" / "tokenized"
+
+
+def _complete_mirror(mirror: Path, index: dict[str, Any]) -> None:
+    """Mark a mirror complete and used, as a storage's cache is: its `index.json` once every shard is there (written
+    whole or not at all), and its use (a local write costs nothing, so every open records it)."""
+    if not (mirror / INDEX_FILE).exists():
+        partial = mirror / f".{INDEX_FILE}.part-{os.getpid()}"
+        partial.write_text(json.dumps(index, indent=1))
+        os.replace(partial, mirror / INDEX_FILE)
+    (mirror / LAST_USED_FILE).write_text(json.dumps({"last_used": time.time()}))
+
+
 class TokenCache:
     """A built tokenized cache, read by global row (one row per valid record, in file order).
 
     The shards are memory-mapped: reading a row touches only its pages, and the OS can drop them again, so a
     worker's memory for data does not grow with the dataset. On an object store the shards are first copied to
-    `$LORAFLEET_HOME/cache/tokenized/<key>/` on the reading machine (once; checked by size).
+    `$LORAFLEET_HOME/cache/tokenized/<key>/` on the reading machine (once; checked by size), with the cache's
+    `index.json` and a [`LAST_USED_FILE`] rewritten at every open, so `lorafleet data cache list|prune --local` sees
+    these copies as caches ([`mirror_root`]).
 
     Args:
         uri (`str`): The cache folder (a local path, `s3://...`, `gs://...`).
@@ -533,7 +595,7 @@ class TokenCache:
         scheme, folder = split_uri(self.uri)
         if scheme == "":
             return Path(folder)
-        mirror = lorafleet_home() / "cache" / "tokenized" / self.index["key"]
+        mirror = mirror_root() / self.index["key"]
         mirror.mkdir(parents=True, exist_ok=True)
         filesystem = filesystem_for(scheme, self.endpoint)
         for shard in self.index["shards"]:
@@ -546,6 +608,7 @@ class TokenCache:
             fs.copy_files(remote, str(partial), source_filesystem=filesystem,
                           destination_filesystem=fs.LocalFileSystem())
             os.replace(partial, target)  # atomic: a concurrent reader sees the whole file or none
+        _complete_mirror(mirror, self.index)
         return mirror
 
     def _open(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,10 @@ from typing import Any, Optional
 from pyarrow import fs
 
 from lorafleet.data.records import _BINARY_MAGIC, _UTF8_BOM, _first_line, _json_error, _record_problem
-from lorafleet.runstore.location import filesystem_for, split_uri
+from lorafleet.runstore.location import filesystem_for, split_uri, storage_endpoint
 from lorafleet.spec import DataSpec, SpecError
+
+logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 # A .jsonl unit of work: big enough that a task's fixed cost is small against its tokenization, small enough that a
@@ -231,8 +234,9 @@ def data_fingerprint(path: str | Path, endpoint: Optional[str] = None) -> dict[s
     """What identifies the content of a job's data: the size and sha256 of the data file, or of each file of a data
     folder (a `datasets` save, a folder of shards), by path inside it. Names of the file and folder do not count, so
     a copy (what a remote job trains on) has the same fingerprint. Every checkpoint records it in `lorafleet.json`
-    (`data`). A glob or an object-store prefix is fingerprinted by each data file's size and modification time (no
-    download).
+    (`data`). A glob or an object-store prefix is fingerprinted without a download, by each data file's size and the
+    store's content tag (S3 ETag, GCS MD5), or its modification time for a local glob
+    ([`listed_fingerprint`]).
 
     Hashing reads the data once more: ~0.1 s for 100 MB.
 
@@ -244,8 +248,8 @@ def data_fingerprint(path: str | Path, endpoint: Optional[str] = None) -> dict[s
 
     Returns:
         `dict`: `{"size": int, "sha256": str}` for a file; `{"files": {relative path: {"size", "sha256"}}}` for a
-        folder (files whose name starts with `.` left out); `{"files": {relative path: {"size", "mtime"}}}` for a glob
-        or a prefix.
+        folder (files whose name starts with `.` left out); `{"files": {relative path: {"size", "etag"}}}` for an
+        object-store prefix (`{"size", "mtime"}` for a local glob, or without the store's client library).
 
     Example:
 
@@ -261,7 +265,7 @@ def data_fingerprint(path: str | Path, endpoint: Optional[str] = None) -> dict[s
     """
     text = str(path)
     if "://" in text and not text.startswith("file://") or _is_glob(text):
-        return {"files": {s.name: {"size": s.size, "mtime": s.mtime} for s in list_sources(text, endpoint)}}
+        return {"files": listed_fingerprint(list_sources(text, endpoint), endpoint)}
     path = Path(split_uri(text)[1]) if text.startswith("file://") else Path(path)
     if path.is_file():
         return {"size": path.stat().st_size, "sha256": _sha256(path)}
@@ -297,6 +301,148 @@ def _arrow_chunks(k: int, source: SourceFile, endpoint: Optional[str]) -> list[C
     if rows > start or not chunks:
         chunks.append(Chunk(k, start, rows))
     return chunks
+
+
+def listed_fingerprint(sources: list[SourceFile], endpoint: Optional[str] = None) -> dict[str, dict[str, Any]]:
+    """The fingerprint of listed files (a glob, an object-store prefix), by name, without reading them: the one place
+    that decides what identifies such a file.
+
+    Object-store files are identified by size and the store's content tag ([`object_etags`]): the S3 ETag (the MD5
+    of the content for a single-part upload; copies keep it), the GCS MD5 (`crc32c:...` for a composite object). So
+    the same files copied to another prefix, or uploaded again unchanged, keep their fingerprint (and their
+    tokenized cache), and any change of content changes it. Without a tag (a local glob; `boto3` not installed for
+    S3, or `google-auth` + `requests` for GCS; a listing the client cannot make) the size and modification time stand
+    in: a copy then counts as other data (its cache is rebuilt), never the reverse. [`same_file`] compares the two
+    kinds.
+
+    Args:
+        sources (`list[SourceFile]`): From [`list_sources`].
+        endpoint (`str`, *optional*): `checkpoint.endpoint`.
+
+    Returns:
+        `dict`: `{name: {"size": int, "etag": str}}`, or `{name: {"size": int, "mtime": float}}`.
+
+    Example:
+
+    ```python
+    >>> listed_fingerprint([SourceFile("", "/data/a.jsonl", "a.jsonl", 17, 1700000000.0)])
+    {'a.jsonl': {'size': 17, 'mtime': 1700000000.0}}
+    ```
+    """
+    tags = None
+    remote = [s for s in sources if s.scheme]
+    if remote and len({s.scheme for s in sources}) == 1:
+        tags = object_etags(remote[0].scheme, os.path.commonprefix([s.path for s in remote]), endpoint)
+    if tags is not None and all(s.path in tags for s in sources):
+        return {s.name: {"size": s.size, "etag": tags[s.path]} for s in sources}
+    return {s.name: {"size": s.size, "mtime": s.mtime} for s in sources}
+
+
+def object_etags(scheme: str, prefix: str, endpoint: Optional[str] = None) -> Optional[dict[str, str]]:
+    """The content tag of every object whose path starts with `prefix` (`bucket/key-prefix`), from one listing: the
+    S3 ETag (ListObjectsV2, through `boto3`), or the GCS `md5Hash` (`crc32c:<crc32c>` for a composite object, which
+    has no MD5; the JSON API, through `requests` with `google-auth` credentials, none for an `http://` emulator).
+
+    pyarrow's filesystems, which read the data, do not expose these tags, hence a client of each store here; neither
+    is a dependency of lorafleet's core (`pip install lorafleet[s3]` adds `boto3`; `google-auth` and `requests` come
+    with `ray[default]`).
+
+    Args:
+        scheme (`str`): `s3` or `gs`.
+        prefix (`str`): `bucket/key-prefix`, as [`SourceFile`] paths start.
+        endpoint (`str`, *optional*): `checkpoint.endpoint`.
+
+    Returns:
+        `dict[str, str]` or `None`: Path (`bucket/key`) to tag; `None` when the client library is missing or the
+        listing failed (logged), so that the caller falls back to modification times.
+
+    Example:
+
+    ```python
+    >>> object_etags("file", "/data") is None  # no tags outside object stores
+    True
+    ```
+    """
+    list_tags = {"s3": _s3_etags, "gs": _gcs_etags}.get(scheme)
+    if list_tags is None:
+        return None
+    bucket, _, key_prefix = prefix.partition("/")
+    try:
+        return list_tags(bucket, key_prefix, storage_endpoint(scheme, endpoint))
+    except ImportError as exc:
+        logger.debug("data: no %s client (%s): fingerprinting by modification time", scheme, exc)
+    except Exception as exc:  # botocore, google-auth and requests each raise their own types
+        logger.warning("data: cannot list the content tags of %s://%s (%s): fingerprinting by modification time, "
+                       "so a copy of this data is tokenized again", scheme, prefix, _first_line(exc))
+    return None
+
+
+def _s3_etags(bucket: str, key_prefix: str, endpoint: Optional[str]) -> dict[str, str]:
+    import boto3
+
+    # Credentials and region from the same environment pyarrow's S3 filesystem reads (filesystem_for).
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=region)
+    tags = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
+        for item in page.get("Contents", []):
+            tags[f"{bucket}/{item['Key']}"] = item["ETag"].strip('"')
+    return tags
+
+
+def _gcs_etags(bucket: str, key_prefix: str, endpoint: Optional[str]) -> dict[str, str]:
+    from urllib.parse import quote
+
+    import requests
+
+    if endpoint and endpoint.startswith("http://"):
+        # An emulator (Google serves GCS over https only), as in filesystem_for: no credentials, and never a proxy.
+        session = requests.Session()
+        session.trust_env = False
+    else:
+        import google.auth
+        from google.auth.transport.requests import AuthorizedSession
+
+        credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/devstorage.read_only"])
+        session = AuthorizedSession(credentials)
+    url = f"{(endpoint or 'https://storage.googleapis.com').rstrip('/')}/storage/v1/b/{quote(bucket, safe='')}/o"
+    tags, token = {}, None
+    while True:
+        params = {"prefix": key_prefix, "fields": "items(name,md5Hash,crc32c),nextPageToken"}
+        if token:
+            params["pageToken"] = token
+        response = session.get(url, params=params, timeout=60)
+        response.raise_for_status()
+        page = response.json()
+        for item in page.get("items", []):
+            tag = item.get("md5Hash") or (f"crc32c:{item['crc32c']}" if item.get("crc32c") else None)
+            if tag is not None:
+                tags[f"{bucket}/{item['name']}"] = tag
+        token = page.get("nextPageToken")
+        if not token:
+            return tags
+
+
+def same_file(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether two fingerprints of one file (an entry of a `files` fingerprint) say the same content.
+
+    Entries of one kind are compared whole. A tag and a modification time (a checkpoint recorded before object-store
+    files were fingerprinted by tag, or on a machine without the store's client) cannot be compared: the size alone
+    decides, so such a run still resumes.
+
+    Example:
+
+    ```python
+    >>> same_file({"size": 5, "etag": "ab"}, {"size": 5, "etag": "cd"})
+    False
+    >>> same_file({"size": 5, "mtime": 1.0}, {"size": 5, "etag": "ab"})  # recorded before tags: the size decides
+    True
+    ```
+    """
+    if recorded.keys() == current.keys():
+        return recorded == current
+    common = recorded.keys() & current.keys()
+    return bool(common) and all(recorded[k] == current[k] for k in common)
 
 
 def plan_chunks(sources: list[SourceFile], endpoint: Optional[str] = None) -> list[Chunk]:

@@ -119,13 +119,41 @@ def split_uri(uri: str) -> tuple[str, str]:
     return scheme, f"{parsed.netloc}{parsed.path}".rstrip("/")
 
 
+def storage_endpoint(scheme: str, endpoint: Optional[str] = None) -> Optional[str]:
+    """The object-store endpoint lorafleet's clients use for `scheme`: `endpoint` (`checkpoint.endpoint`) if given,
+    else for `s3` `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`, for `gs` `STORAGE_EMULATOR_HOST`; `None`: the
+    provider's own.
+
+    Example:
+
+    ```python
+    >>> storage_endpoint("s3", "http://127.0.0.1:9000")
+    'http://127.0.0.1:9000'
+    >>> storage_endpoint("", "http://127.0.0.1:9000") is None
+    True
+    ```
+    """
+    if scheme == "":
+        return None
+    if endpoint:
+        return endpoint
+    if scheme == "s3":
+        return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    # `STORAGE_EMULATOR_HOST` is how the Google clients (google-cloud-storage, gcsfs) are pointed at an emulator;
+    # pyarrow's GCS client ignores it, so it is read here, with gcsfs's default of http when it has no scheme.
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "") if scheme == "gs" else ""
+    if emulator:
+        return emulator if "://" in emulator else f"http://{emulator}"
+    return None
+
+
 def filesystem_for(scheme: str, endpoint: Optional[str] = None) -> fs.FileSystem:
     """A pyarrow filesystem for a scheme of [`split_uri`]: local (`""`), `s3` or `gs`, configured from the
     environment (and `endpoint`)."""
     if scheme == "":
         return fs.LocalFileSystem()
+    endpoint = storage_endpoint(scheme, endpoint)
     if scheme == "s3":
-        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         kwargs: dict[str, Any] = {}
         if endpoint:
             parsed = urlparse(endpoint)
@@ -139,11 +167,6 @@ def filesystem_for(scheme: str, endpoint: Optional[str] = None) -> fs.FileSystem
         return fs.S3FileSystem(allow_delayed_open=True, **kwargs)
     if scheme == "gs":
         kwargs = {}
-        # `STORAGE_EMULATOR_HOST` is how the Google clients (google-cloud-storage, gcsfs) are pointed at an emulator;
-        # pyarrow's GCS client ignores it, so it is read here, with gcsfs's default of http when it has no scheme.
-        emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
-        if not endpoint and emulator:
-            endpoint = emulator if "://" in emulator else f"http://{emulator}"
         if endpoint:
             parsed = urlparse(endpoint)
             kwargs["endpoint_override"] = parsed.netloc

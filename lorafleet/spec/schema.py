@@ -88,6 +88,11 @@ def lorafleet_home() -> Path:
     return Path(os.environ.get("LORAFLEET_HOME", "~/.lorafleet")).expanduser()
 
 
+def default_storage() -> str:
+    """`checkpoint.storage` when a job leaves it unset: `$LORAFLEET_HOME/runs`."""
+    return str(lorafleet_home() / "runs")
+
+
 def _dtype(value: Any) -> Any:
     if isinstance(value, str) and value.lower() in _DTYPE_ALIASES:
         return _DTYPE_ALIASES[value.lower()]
@@ -588,7 +593,7 @@ class JobSpec(_Section):
     @property
     def storage_uri(self) -> str:
         """`checkpoint.storage` with the default filled in."""
-        return self.checkpoint.storage or str(lorafleet_home() / "runs")
+        return self.checkpoint.storage or default_storage()
 
     @property
     def global_batch_size(self) -> int:

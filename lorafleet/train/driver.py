@@ -39,7 +39,7 @@ from lorafleet.data.alora import Invocation
 from lorafleet.data.cache import build_cache, is_sharded, uses_cache
 from lorafleet.data.dataset import TrainingData
 from lorafleet.data.hub import load_hub
-from lorafleet.data.sources import data_fingerprint
+from lorafleet.data.sources import data_fingerprint, same_file
 from lorafleet.model.build import load_tokenizer_for, resolve_base_model, weights_digest
 from lorafleet.runstore.checkpoint import INFO_FILE, expected_files
 from lorafleet.runstore.lease import RunLease
@@ -217,6 +217,8 @@ def data_change(recorded: dict[str, Any], current: dict[str, Any]) -> Optional[s
     'a changed'
     >>> data_change({"size": 10, "sha256": "ab"}, {"size": 10, "sha256": "ab"}) is None
     True
+    >>> data_change({"files": {"a": {"size": 1, "mtime": 5.0}}}, {"files": {"a": {"size": 1, "etag": "x"}}}) is None
+    True
     ```
     """
     if recorded == current:
@@ -232,9 +234,13 @@ def data_change(recorded: dict[str, Any], current: dict[str, Any]) -> Optional[s
         return f"same size, different content (sha256 {str(recorded['sha256'])[:12]}... -> {current['sha256'][:12]}...)"
     if "files" in recorded and "files" in current:
         old, new = recorded["files"], current["files"]
-        changes = [f"{name} changed" for name in sorted(old.keys() & new.keys()) if old[name] != new[name]]
+        # same_file: a checkpoint recorded before object-store files had content tags still resumes.
+        changes = [f"{name} changed" for name in sorted(old.keys() & new.keys())
+                   if not same_file(old[name], new[name])]
         changes += [f"{name} added" for name in sorted(new.keys() - old.keys())]
         changes += [f"{name} removed" for name in sorted(old.keys() - new.keys())]
+        if not changes:
+            return None
         shown = ", ".join(changes[:3])
         return shown + (f" and {len(changes) - 3} more" if len(changes) > 3 else "")
     return "was a folder, now a file" if "files" in recorded else "was a file, now a folder"
