@@ -6,6 +6,7 @@
 - [`lorafleet.compat.bitsandbytes`]: the in-place CPU weight repack of `Linear4bit`; its import-time `torch.compile`.
 - [`lorafleet.compat.accelerate`]: saving a model without importing DeepSpeed.
 - [`lorafleet.compat.deepspeed`]: restoring a worker's ZeRO optimizer state from its own shard.
+- [`lorafleet.compat.datasets`]: a loaded dataset's fingerprint and indices mapping; the `save_to_disk` layout.
 
 Each module's docstring lists the private names it touches, the versions they were checked on, and the upstream
 change that would let the workaround go. `tests/unit/compat/` holds one test per assumption, each failing with a

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorafleet.compat.datasets import dataset_fingerprint, reads_its_files_whole
 from lorafleet.data.records import _first_line
 from lorafleet.data.sources import SourceFile
 from lorafleet.spec import HubSpec, SpecError
@@ -108,14 +109,14 @@ def load_hub(hub: HubSpec, what: str = "data.hub") -> HubSource:
         files.append(SourceFile("", path, Path(path).name, info.st_size, info.st_mtime, label=hub.describe(),
                                 offset=rows))
         rows += _rows(path)
-    if rows != ds.num_rows or ds._indices is not None:
+    if rows != ds.num_rows or not reads_its_files_whole(ds):
         # Not expected for a whole split; were it to happen, the files would hold other rows than the dataset.
         raise SpecError(f"{what}: {hub.describe()} has {ds.num_rows} rows but its Arrow files hold {rows}")
     fingerprint = {
         "hub": hub.model_dump(),
         # The dataset's own fingerprint: `datasets` derives it from the builder's config, data files and revision,
         # so it changes when the data does (and, for a local folder, when a file is modified).
-        "fingerprint": ds._fingerprint,
+        "fingerprint": dataset_fingerprint(ds),
         "files": {f.name: {"size": f.size} for f in files},
     }
     return HubSource(files, fingerprint, rows)

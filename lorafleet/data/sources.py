@@ -22,6 +22,7 @@ from typing import Any, Optional
 from pyarrow import fs
 
 from lorafleet.data.records import _BINARY_MAGIC, _UTF8_BOM, _first_line, _json_error, _record_problem
+from lorafleet.compat.datasets import saved_data_files, saved_splits
 from lorafleet.runstore.location import filesystem_for, split_uri, storage_endpoint
 from lorafleet.spec import DataSpec, SpecError
 
@@ -183,7 +184,7 @@ def saved_dataset_sources(path: str | Path, what: str = "data.path") -> list[Sou
     root = Path(path)
     folder = root
     if (root / "dataset_dict.json").exists():
-        splits = _read_meta(root / "dataset_dict.json", what).get("splits") or []
+        splits = saved_splits(_read_meta(root / "dataset_dict.json", what))
         if "train" in splits:
             folder = root / "train"
         elif len(splits) == 1:
@@ -191,7 +192,7 @@ def saved_dataset_sources(path: str | Path, what: str = "data.path") -> list[Sou
         else:
             raise SpecError(f"{what}: saved DatasetDict has splits {sorted(splits)} and no 'train' split")
     state = _read_meta(folder / "state.json", what)
-    names = [f.get("filename") for f in state.get("_data_files") or [] if isinstance(f, dict)]
+    names = saved_data_files(state)
     if not names:
         raise SpecError(f"{what}: {folder / 'state.json'}: damaged saved-dataset file (no _data_files)")
     files = []
