@@ -9,10 +9,13 @@ any node, read only the tokenized cache in the run storage and never the hub.
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+from urllib.parse import urlparse
 
 from lorafleet.compat.datasets import dataset_fingerprint, reads_its_files_whole
 from lorafleet.data.records import _first_line
@@ -57,6 +60,25 @@ def _load_problem(hub: HubSpec, what: str, exc: BaseException) -> str:
     return f"{what}: cannot load {hub.describe()} ({type(exc).__name__}: {reason})"
 
 
+def _unreachable_hub(hub: HubSpec, what: str) -> Optional[str]:
+    """Why a hub id cannot be loaded from here, found in milliseconds: the Hub's host name does not resolve (no network
+    or DNS). Without this, `huggingface_hub` retries for ~30 s, printing a line per retry, before failing. Not checked
+    for a local folder, in offline mode (the local cache answers), or behind a proxy (which resolves names itself)."""
+    import datasets
+
+    if Path(hub.name).exists() or datasets.config.HF_HUB_OFFLINE:
+        return None
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return (f"{what}.name: cannot reach '{hub.name}': {host} does not resolve ({exc.strerror or exc}); the driver "
+                "needs internet for hub data (or name a local dataset folder)")
+    return None
+
+
 def _rows(path: str) -> int:
     import pyarrow as pa
 
@@ -95,10 +117,19 @@ def load_hub(hub: HubSpec, what: str = "data.hub") -> HubSource:
     """
     import datasets
 
+    problem = _unreachable_hub(hub, what)
+    if problem is not None:
+        raise SpecError(problem)
+    # Each of huggingface_hub's retries logs a warning line; the outcome is reported here, as one line.
+    retries = logging.getLogger("huggingface_hub")
+    level = retries.level
+    retries.setLevel(logging.ERROR)
     try:
         ds = datasets.load_dataset(hub.name, hub.config, split=hub.split, revision=hub.revision)
     except Exception as exc:  # datasets, huggingface_hub, fsspec and the network raise many types
         raise SpecError(_load_problem(hub, what, exc)) from None
+    finally:
+        retries.setLevel(level)
     paths = [c["filename"] for c in ds.cache_files]
     if not paths:
         raise SpecError(f"{what}: {hub.describe()} was loaded in memory, with no Arrow file to read "

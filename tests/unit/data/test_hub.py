@@ -133,6 +133,22 @@ def test_loading_errors_name_the_field(tmp_path):
         prepare(hub_spec(tmp_path, folder, f"data.eval_hub.name={folder}", "data.eval_hub.split=nope"))
 
 
+def test_a_hub_that_does_not_resolve_fails_at_once_in_one_line(monkeypatch):
+    import datasets
+
+    # Online mode, no proxy, and a Hub whose host name cannot resolve (.invalid never does): the case of a driver
+    # without network, which huggingface_hub alone would retry for ~30 s, logging each retry.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.lorafleet-test.invalid")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    with pytest.raises(SpecError) as err:
+        load_hub(HubSpec(name="someorg/somedata"))
+    [line] = err.value.problems
+    assert line.startswith("data.hub.name: cannot reach 'someorg/somedata': hub.lorafleet-test.invalid does not "
+                           "resolve"), line
+
+
 def test_resume_check_sees_a_changed_hub_dataset(tmp_path):
     folder = dataset_folder(tmp_path / "tasks", {"train": LINES[:400]})
     spec = hub_spec(tmp_path / "store", folder, "name=hub-run")
