@@ -263,9 +263,10 @@ def _tables_on_ray_data(chunks, sources, spec, tokenizer, invocation, endpoint) 
     import ray.data
 
     remote_args = {}
-    if any(s.label for s in sources):
-        # A hub dataset's Arrow files are on the driver's disk (the `datasets` cache), which other nodes cannot read:
-        # its tasks run on the driver's node.
+    if any(not s.scheme for s in sources):
+        # Local files (a path, a saved dataset, a hub dataset's Arrow files in the `datasets` cache) are known to
+        # exist only on the driver's disk; other nodes may not see them: the tasks run on the driver's node. Data
+        # on an object store is read by tasks anywhere in the cluster.
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         remote_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),

@@ -21,8 +21,8 @@ from typing import Any, Optional
 
 from pyarrow import fs
 
-from lorafleet.data.records import _BINARY_MAGIC, _UTF8_BOM, _first_line, _json_error, _record_problem
 from lorafleet.compat.datasets import saved_data_files, saved_splits
+from lorafleet.data.records import _BINARY_MAGIC, _UTF8_BOM, _first_line, _json_error, _record_problem
 from lorafleet.runstore.location import filesystem_for, split_uri, storage_endpoint
 from lorafleet.spec import DataSpec, SpecError
 

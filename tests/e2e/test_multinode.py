@@ -28,6 +28,12 @@ pytestmark = pytest.mark.skipif(not can_hide_folders(), reason="needs mount name
 def two_nodes(s3_server, tmp_path_factory):
     head_home, node_home = tmp_path_factory.mktemp("head-home"), tmp_path_factory.mktemp("node2-home")
     local_data = tmp_path_factory.mktemp("local-data")
+    # The job's data: two shards on the head's disk, hidden from the second node, and the same two on S3.
+    lines = (JOBS / "data" / "tasks.jsonl").read_text().splitlines(keepends=True)
+    for k in range(2):
+        shard = local_data / f"part-{k:03d}.jsonl"
+        shard.write_text("".join(lines[k * 1500 : (k + 1) * 1500]))
+        s3_server.client.upload_file(str(shard), s3_server.bucket, f"multinode/data/{shard.name}")
     cluster = LocalRayCluster(auth=False, num_cpus=1, lorafleet_home=str(head_home))
     try:
         cluster.add_node("127.0.0.2", num_cpus=1, lorafleet_home=str(node_home), hide=[str(head_home), str(local_data)])
@@ -42,15 +48,9 @@ def _get(cluster: LocalRayCluster, path: str) -> list[dict]:
 
 
 def test_two_workers_on_two_nodes_without_a_shared_folder(two_nodes, s3_server, tmp_path):
-    cluster, head_home, node_home, local_data = two_nodes
+    cluster, head_home, node_home, _ = two_nodes
     nodes = {n["node_id"]: n["node_ip"] for n in _get(cluster, "/api/v0/nodes?limit=100") if n["state"] == "ALIVE"}
     assert len(nodes) == 2 and "127.0.0.2" in nodes.values(), nodes
-
-    lines = (JOBS / "data" / "tasks.jsonl").read_text().splitlines(keepends=True)
-    for k in range(2):
-        shard = local_data / f"part-{k:03d}.jsonl"
-        shard.write_text("".join(lines[k * 1500 : (k + 1) * 1500]))
-        s3_server.client.upload_file(str(shard), s3_server.bucket, f"multinode/data/{shard.name}")
 
     env = cluster.client_env()
     sets = ["name=multinode", "training.steps=3", "training.warmup=1", "kernels.enabled=false",
@@ -85,3 +85,16 @@ def test_two_workers_on_two_nodes_without_a_shared_folder(two_nodes, s3_server, 
     pulled = run_cli("pull", out["job_id"], str(dest), "--address", cluster.address, "--json", env=env)
     assert pulled.returncode == 0, pulled.stderr
     assert json.loads(pulled.stdout)["tensors"] > 0
+
+
+def test_local_data_is_tokenized_on_the_drivers_node(two_nodes, tmp_path):
+    """Data on the driver's disk is read by Ray Data tasks pinned to the driver's node: the second node, which does
+    not see that folder, would fail every chunk it took (this cluster has a CPU on each node, and 30 chunks)."""
+    cluster, _, _, local_data = two_nodes
+    sets = [f"checkpoint.storage={tmp_path}", f"data.path={local_data}"]
+    env = {**cluster.client_env(), "LORAFLEET_CACHE_INLINE_BYTES": "0", "LORAFLEET_CACHE_CHUNK_BYTES": "20000"}
+    result = run_cli("data", "prepare", str(TEST_JOB), *[a for s in sets for a in ("--set", s)], "--json",
+                     "--address", cluster.gcs_address, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["engine"] == "ray-data" and report["records"] == 3000, report
