@@ -41,6 +41,7 @@ from lorafleet.data.alora import Invocation
 from lorafleet.data.batching import pack_bins, packed_row
 from lorafleet.data.encode import KEPT, NO_INVOCATION, encode_rows
 from lorafleet.data.hub import load_hub
+from lorafleet.data.records import format_fields
 from lorafleet.data.sources import (
     Chunk,
     SourceFile,
@@ -210,8 +211,8 @@ def record_text(record: dict, fmt: str) -> str:
     '{"instruction": "Say hi.", "output": "hi"}'
     ```
     """
-    names = {"text": ("text",), "instruction": ("instruction", "input", "output"), "chat": ("messages",)}[fmt]
-    return json.dumps({k: record[k] for k in names if record.get(k) is not None}, ensure_ascii=False, default=str)
+    return json.dumps({k: record[k] for k in format_fields(fmt) if record.get(k) is not None}, ensure_ascii=False,
+                      default=str)
 
 
 def _encode_chunk(index: int, chunk: Chunk, sources: Sequence[SourceFile], spec: JobSpec, tokenizer,
@@ -444,12 +445,7 @@ def _build(spec: JobSpec, tokenizer, invocation, use_ray, start_ray, files, key:
             report.target_tokens += int(per_row[kept].sum())
             report.truncated += int(table.column("truncated").to_numpy(zero_copy_only=False).sum())
             report.dropped += int((~kept).sum())
-            writer.write(pa.table({
-                "input_ids": table.column("input_ids"), "labels": table.column("labels"),
-                "alora_start": table.column("alora_start"), "status": table.column("status"),
-                "length": table.column("length"), "targets": table.column("targets"),
-                "record": table.column("record"),
-            }, schema=SCHEMA))
+            writer.write(table.select(SCHEMA.names).cast(SCHEMA))
         writer.close()
         if report.records == 0:
             raise SpecError(f"data.path: {spec.data.source_name} holds no records")
@@ -629,19 +625,21 @@ class TokenCache:
             return np.zeros(0, np.int32)
         return np.concatenate([b.column(name).to_numpy(zero_copy_only=False) for b in self._batches])
 
-    def record(self, i: int) -> dict[str, Any]:
-        """Row `i`'s record as read from the data (the fields its format uses; [`record_text`])."""
+    def _locate(self, i: int) -> tuple[pa.RecordBatch, int]:
+        """The record batch that holds row `i`, and the row's offset in it."""
         if self._batches is None:
             self._open()
         b = int(np.searchsorted(self._starts, i, side="right")) - 1
-        return json.loads(self._batches[b].column("record")[i - int(self._starts[b])].as_py())
+        return self._batches[b], i - int(self._starts[b])
+
+    def record(self, i: int) -> dict[str, Any]:
+        """Row `i`'s record as read from the data (the fields its format uses; [`record_text`])."""
+        batch, offset = self._locate(i)
+        return json.loads(batch.column("record")[offset].as_py())
 
     def row(self, i: int) -> dict[str, Any]:
         """Row `i` as a sample: `input_ids`, `labels` (lists of int) and, for aLoRA, `alora_start`."""
-        if self._batches is None:
-            self._open()
-        b = int(np.searchsorted(self._starts, i, side="right")) - 1
-        batch, offset = self._batches[b], i - int(self._starts[b])
+        batch, offset = self._locate(i)
         sample = {"input_ids": batch.column(0)[offset].as_py(), "labels": batch.column(1)[offset].as_py()}
         start = batch.column(2)[offset].as_py()
         if start is not None:

@@ -22,6 +22,21 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 
 _FORMAT_FIELDS = {"text": ("text",), "instruction": ("instruction", "output"), "chat": ("messages",)}
+# Fields a format reads when they are there.
+_OPTIONAL_FIELDS = {"text": (), "instruction": ("input",), "chat": ()}
+
+
+def format_fields(fmt: str) -> tuple[str, ...]:
+    """Every field a record of `data.format` `fmt` is read by: the required ones, then the optional ones.
+
+    Example:
+
+    ```python
+    >>> format_fields("instruction")
+    ('instruction', 'output', 'input')
+    ```
+    """
+    return _FORMAT_FIELDS[fmt] + _OPTIONAL_FIELDS[fmt]
 
 _UTF8_BOM = b"\xef\xbb\xbf"
 # Files that land under a .jsonl/.json name by mistake; naming what they are says how to fix it.
