@@ -34,13 +34,20 @@ Private things touched:
    [`logits_at`] so the unfused loss computes logits only for positions that have a label, through the model's own
    head. [`takes_logits_to_keep`] reads the argument from the forward's signature; a model without it gets full
    logits. Gone when the boolean form is documented on the causal LM forward itself.
+5. `PreTrainedModel.save_pretrained` writes weight files only where the model's `should_save_on_this_rank(
+   is_main_process)` is true, which since 5.24 (`transformers/distributed/mixin.py`) also requires global rank 0
+   whenever `torch.distributed` is initialized, whatever `is_main_process` says; other ranks get a folder without
+   weights and no error. [`save_model`] shadows that method on the one instance for the call, so a worker at any rank
+   can write a whole model (a node without the driver's folder materializes the base itself). Gone when
+   `save_pretrained` lets the caller decide which process writes.
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Union
 
 import torch
 from torch import nn
@@ -235,3 +242,37 @@ def logits_at(model: nn.Module, keep: torch.Tensor, **inputs: Any) -> torch.Tens
             f"keeping {int(keep.sum())} positions (lorafleet.compat.transformers item 4, checked 5.23.0-5.24.0)"
         )
     return logits
+
+
+def save_model(model: nn.Module, folder: Union[str, Path]) -> None:
+    """`model.save_pretrained(folder)`, weights included, from whichever process calls it (item 5: transformers
+    otherwise writes them only at global rank 0 of an initialized process group).
+
+    Args:
+        model (`transformers.PreTrainedModel`): The model to save.
+        folder (`str` or `Path`): The directory to write.
+
+    Example:
+
+    ```python
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from transformers import AutoModelForCausalLM
+    >>> from lorafleet.model.families import family_config
+    >>> cfg = family_config("llama", 32, {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+    ...                                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     save_model(AutoModelForCausalLM.from_config(cfg), folder)
+    ...     sorted(p.name for p in Path(folder).glob("*.safetensors"))
+    ['model.safetensors']
+    ```
+    """
+    from lorafleet.compat.accelerate import unwrap_without_deepspeed
+
+    # An instance attribute shadows the method for this call only; the model's class is left as it is.
+    model.__dict__["should_save_on_this_rank"] = lambda is_main_process: is_main_process
+    try:
+        with unwrap_without_deepspeed():
+            model.save_pretrained(folder)
+    finally:
+        del model.__dict__["should_save_on_this_rank"]

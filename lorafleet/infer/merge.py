@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from lorafleet.compat.accelerate import unwrap_without_deepspeed
+from lorafleet.compat.transformers import save_model
 from lorafleet.infer.generate import adapter_config, load_adapter
 
 
@@ -36,8 +36,7 @@ def merge_adapter(uri: str, out_dir: str, endpoint: Optional[str] = None) -> Pat
     model, tokenizer = load_adapter(uri, dtype="float32", endpoint=endpoint)
     merged = model.merge_and_unload()
     out = Path(out_dir)
-    with unwrap_without_deepspeed():
-        merged.save_pretrained(out)
+    save_model(merged, out)
     tokenizer.save_pretrained(out)
     return out
 

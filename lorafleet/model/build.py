@@ -18,9 +18,8 @@ from typing import Any, Optional
 import torch
 
 from lorafleet.bases import BASES_DIR, builtin_bases
-from lorafleet.compat.accelerate import unwrap_without_deepspeed
 from lorafleet.compat.bitsandbytes import disable_cpu_repack, import_uncompiled
-from lorafleet.compat.transformers import refuses_sdpa
+from lorafleet.compat.transformers import refuses_sdpa, save_model
 from lorafleet.data.tokenizer import load_tokenizer
 from lorafleet.kernels import KernelPlan, apply_kernels
 from lorafleet.model.device import torch_dtype
@@ -125,8 +124,10 @@ def materialize(model: ModelSpec, root: Optional[Path] = None) -> Path:
         built = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
     def write(folder: Path) -> None:
-        with unwrap_without_deepspeed():
-            built.save_pretrained(folder)
+        save_model(built, folder)
+        if not any(folder.glob("*.safetensors")):
+            # A folder published without weights would be taken as this base on every later run.
+            raise RuntimeError(f"transformers saved no weight files for the {model.architecture} base in {folder}")
         tokenizer.save_pretrained(folder)
 
     # One shard of a small model, saved once: transformers' "Writing model shards" bar would only be console noise.

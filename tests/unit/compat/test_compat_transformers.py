@@ -182,3 +182,32 @@ def test_logits_at_refuses_a_forward_that_ignored_the_mask():
         compat.logits_at(FullLogits(), torch.ones(2, 3, dtype=torch.bool), input_ids=torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="2-D bool"):
         compat.logits_at(FullLogits(), torch.ones(2, 3, dtype=torch.long), input_ids=torch.zeros(2, 3, dtype=torch.long))
+
+
+SAVE_AT_RANK = """
+import sys
+from pathlib import Path
+import torch
+from transformers import AutoModelForCausalLM
+from lorafleet.compat.transformers import save_model
+from lorafleet.model.families import family_config
+model = AutoModelForCausalLM.from_config(family_config("llama", 64, {"num_hidden_layers": 1, "hidden_size": 32,
+    "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}))
+out = Path(sys.argv[1], f"rank-{dist.get_rank()}")
+model.save_pretrained(out / "plain", is_main_process=True)
+save_model(model, out / "ours")
+assert "should_save_on_this_rank" not in model.__dict__
+"""
+
+
+def test_save_pretrained_writes_weights_only_at_rank_0_and_save_model_at_any_rank(tmp_path):
+    from helpers.process_group import run_in_process_group
+
+    ranks = run_in_process_group(SAVE_AT_RANK, world_size=2, args=(str(tmp_path),))
+    assert all(r.returncode == 0 for r in ranks), [r.stderr[-2000:] for r in ranks]
+    weights = {p.relative_to(tmp_path).parent.as_posix() for p in tmp_path.glob("*/*/*.safetensors")}
+    assert {"rank-0/plain", "rank-0/ours", "rank-1/ours"} <= weights, weights
+    assert "rank-1/plain" not in weights, (
+        "transformers: save_pretrained at rank 1 of a process group now writes weights (lorafleet.compat.transformers "
+        "item 5, checked 5.24.0); save_model's shadowing of should_save_on_this_rank may be dropped"
+    )

@@ -7,6 +7,7 @@ from lorafleet.runstore.checkpoint import is_complete, load_training_state, save
 from lorafleet.data.batching import collate
 from lorafleet.data.encode import prepare_samples
 import dataclasses
+import hashlib
 from pathlib import Path
 import json
 import shutil
@@ -21,6 +22,7 @@ from lorafleet.spec import ModelSpec, SpecError, load_spec
 from lorafleet.train.strategies import DDPStrategy
 
 from helpers.cli import TEST_JOB
+from helpers.process_group import run_in_process_group
 
 SMALL = ["model.config={num_hidden_layers: 2}", "kernels.enabled=false", "training.dtype=float32", "model.dtype=float32"]
 
@@ -84,6 +86,24 @@ def test_a_node_without_the_drivers_folder_materializes_its_own_base(tmp_path, m
         local_base(spec, elsewhere, "0" * 64)  # a node whose torch initializes otherwise
     hub = load_spec(TEST_JOB, ["model.architecture=null", "model.config={}", "model.name_or_path=org/model"])
     assert local_base(hub, "org/model") == "org/model"  # a hub id is not a folder, and is loaded as given
+
+
+MATERIALIZE_AT_RANK = """
+import sys
+from lorafleet.model.build import materialize, weights_digest
+from lorafleet.spec import load_spec
+spec = load_spec(sys.argv[1], ["model.config={num_hidden_layers: 1}"])
+print(weights_digest(spec, str(materialize(spec.model, root=f"{sys.argv[2]}/rank-{dist.get_rank()}"))))
+"""
+
+
+def test_every_rank_of_a_process_group_materializes_the_whole_base(tmp_path):
+    # Inside a Ray Train worker the group is initialized: the node whose first worker is rank 1 builds the base too.
+    ranks = run_in_process_group(MATERIALIZE_AT_RANK, world_size=2, args=(str(TEST_JOB), str(tmp_path)))
+    assert all(r.returncode == 0 for r in ranks), [r.stderr[-2000:] for r in ranks]
+    digests = [r.stdout.split()[-1] for r in ranks]
+    assert len(set(digests)) == 1 and digests[0] != hashlib.sha256().hexdigest(), digests  # not the empty digest
+    assert list((tmp_path / "rank-1").glob("*/*.safetensors"))
 
 
 def test_auto_dtype_follows_the_cpu():
