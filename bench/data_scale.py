@@ -13,11 +13,15 @@ Reported per run: seconds from the command's start to the first step (the summar
 cold run the cache build time and records/s (the cache's index.json). Sizes: 10k and 1M records by default, 10M with
 `--big`, any list with `--sizes`.
 
+With `--rounds N` every size runs its modes N times, each round on a fresh storage (so `cold` builds again), the
+in-memory run moving from first to last place every other round so that load from other processes hits the paths
+alike; the table gives each number's median and [range] over the rounds, and the JSON every round.
+
 Usage:
 
 ```bash
 LORAFLEET_HOME=/tmp/lfbench python bench/data_scale.py [--sizes 10000,200000] [--big] [--modes memory,cold,warm]
-    [--json]
+    [--rounds 3] [--json]
 ```
 """
 
@@ -27,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,11 +100,55 @@ def submit(data: Path, storage: Path, name: str, cache: bool) -> dict:
     }
 
 
+def round_order(modes: list[str], round_index: int) -> list[str]:
+    """The modes of one round: as given in even rounds; in odd ones the in-memory run moves behind the cache runs
+    (`cold` always precedes `warm`, which needs its cache).
+
+    Example:
+
+    ```python
+    >>> round_order(["memory", "cold", "warm"], 1)
+    ['cold', 'warm', 'memory']
+    ```
+    """
+    if round_index % 2 == 0 or "memory" not in modes:
+        return list(modes)
+    return [m for m in modes if m != "memory"] + ["memory"]
+
+
+NUMBERS = ("first_step_s", "driver_peak_mb", "worker_peak_mb", "build_s", "records_per_s")
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per (records, mode): each number's median, min and max over the rounds that measured it."""
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["records"], row["mode"]), []).append(row)
+    table = []
+    for (records, mode), runs in groups.items():
+        entry: dict = {"records": records, "mode": mode, "rounds": len(runs), "engine": runs[0].get("engine", "")}
+        for key in NUMBERS:
+            values = [r[key] for r in runs if r.get(key) is not None]
+            if values:
+                entry[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        table.append(entry)
+    return table
+
+
+def _cell(entry: dict, key: str, fmt: str) -> str:
+    stats = entry.get(key)
+    if stats is None:
+        return ""
+    text = fmt.format(stats["median"])
+    return text if entry["rounds"] == 1 else f"{text} [{fmt.format(stats['min'])}-{fmt.format(stats['max'])}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,1000000")
     parser.add_argument("--big", action="store_true", help="add 10M records")
     parser.add_argument("--modes", default="memory,cold,warm")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every mode per size, alternating (see above)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")] + ([10_000_000] if args.big else [])
@@ -112,25 +161,28 @@ def main() -> None:
         generate(data, size)
         print(f"# {size:,} records, {data.stat().st_size / 1e6:.1f} MB (generated in {time.perf_counter() - t:.1f} s)",
               file=sys.stderr, flush=True)
-        storage = root / f"runs-{size}"
-        for mode in modes:
-            name = f"{mode}-{size}"
-            row = {"records": size, "mode": mode, **submit(data, storage, name, cache=mode != "memory")}
-            if mode == "cold" and row["data_cache"]:
-                report = json.loads((Path(row["data_cache"]) / "index.json").read_text())["report"]
-                row.update(build_s=report["build_s"], engine=report["engine"],
-                           records_per_s=round(report["records"] / max(report["build_s"], 1e-9)))
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+        for r in range(args.rounds):
+            storage = root / f"runs-{size}-round{r}"
+            for mode in round_order(modes, r):
+                name = f"{mode}-{size}"
+                row = {"records": size, "mode": mode, "round": r, "load_avg": round(os.getloadavg()[0], 1),
+                       **submit(data, storage, name, cache=mode != "memory")}
+                if mode == "cold" and row["data_cache"]:
+                    report = json.loads((Path(row["data_cache"]) / "index.json").read_text())["report"]
+                    row.update(build_s=report["build_s"], engine=report["engine"],
+                               records_per_s=round(report["records"] / max(report["build_s"], 1e-9)))
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    table = summarize(rows)
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps({"rounds": args.rounds, "summary": table, "runs": rows}))
         return
-    print(f"{'records':>10} {'mode':>7} {'first step s':>12} {'driver MB':>10} {'worker MB':>10} {'build s':>8} "
-          f"{'records/s':>10} {'engine':>9}")
-    for r in rows:
-        print(f"{r['records']:>10,} {r['mode']:>7} {r['first_step_s'] or 0:>12.1f} {r['driver_peak_mb']:>10,} "
-              f"{r['worker_peak_mb']:>10,} {r.get('build_s', ''):>8} {r.get('records_per_s', ''):>10} "
-              f"{r.get('engine', ''):>9}")
+    print(f"{'records':>10} {'mode':>7} {'first step s':>20} {'driver MB':>18} {'worker MB':>18} {'build s':>18} "
+          f"{'records/s':>22} {'engine':>9}")
+    for e in table:
+        print(f"{e['records']:>10,} {e['mode']:>7} {_cell(e, 'first_step_s', '{:.1f}'):>20} "
+              f"{_cell(e, 'driver_peak_mb', '{:,.0f}'):>18} {_cell(e, 'worker_peak_mb', '{:,.0f}'):>18} "
+              f"{_cell(e, 'build_s', '{:.1f}'):>18} {_cell(e, 'records_per_s', '{:,.0f}'):>22} {e['engine']:>9}")
 
 
 if __name__ == "__main__":
