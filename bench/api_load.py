@@ -14,13 +14,14 @@ training file. Reports throughput, p50/p99 latency per operation and overall, an
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
+import ssl
 import statistics
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import httpx
 
@@ -37,6 +38,84 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+async def drive(args: argparse.Namespace, mix: dict[str, float]) -> tuple[dict[str, list[float]], dict[str, int], float]:
+    """Upload the file, create the first job, then run the mix: `args.concurrency` tasks on one event loop.
+
+    One loop instead of a thread per connection: the client shares the machine's cores with the service. Each task
+    has its own `httpx.AsyncClient` of one connection: with one client of 32 connections, httpcore's pool scans every
+    connection for every request (`_assign_requests_to_connections`), and the client spent 3x the CPU of 32 threads
+    of sync httpx (cProfile; bench/README.md).
+
+    Returns:
+        `tuple`: latencies per operation (seconds), error counts, wall time of the mix (seconds).
+    """
+    headers = {"Authorization": f"Bearer {args.key}"}
+    # Each client would otherwise load the CA bundle itself (~40 ms of CPU each), even for http://.
+    tls = ssl.create_default_context()
+
+    def new_client() -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=args.url, headers=headers, timeout=60, verify=tls,
+                                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+
+    async with new_client() as client:
+        uploaded = await client.post("/files", files={"file": ("bench.jsonl", CHAT.read_bytes())},
+                                     data={"purpose": "fine-tune"})
+        uploaded.raise_for_status()
+        file_id = uploaded.json()["id"]
+        created = await client.post("/fine_tuning/jobs", json={"model": args.model, "training_file": file_id,
+                                                               **NEVER_RUNS})
+        created.raise_for_status()
+        job_ids = [created.json()["id"]]  # something to retrieve from the first request on
+        (await client.post(f"/fine_tuning/jobs/{job_ids[0]}/cancel")).raise_for_status()
+
+    rng = random.Random(args.seed)
+    ops = iter(rng.choices(list(mix), weights=list(mix.values()), k=args.requests))
+    latencies: dict[str, list[float]] = {op: [] for op in [*MIX, "cancel"]}
+    errors = {"4xx": 0, "5xx": 0, "transport": 0}
+
+    async def timed(client: httpx.AsyncClient, op: str, method: str, path: str, **kwargs) -> Optional[httpx.Response]:
+        started = time.perf_counter()
+        try:
+            response = await client.request(method, path, **kwargs)
+        except httpx.HTTPError:
+            errors["transport"] += 1
+            return None
+        latencies[op].append(time.perf_counter() - started)
+        if response.status_code >= 500:
+            errors["5xx"] += 1
+        elif response.status_code >= 400:
+            errors["4xx"] += 1
+        return response
+
+    async def one(client: httpx.AsyncClient, op: str) -> None:
+        job_id = rng.choice(job_ids)
+        if op == "create":
+            response = await timed(client, "create", "POST", "/fine_tuning/jobs", json={
+                "model": args.model, "training_file": file_id, **NEVER_RUNS})
+            if response is not None and response.status_code == 200:
+                new_id = response.json()["id"]
+                await timed(client, "cancel", "POST", f"/fine_tuning/jobs/{new_id}/cancel")
+                job_ids.append(new_id)
+        elif op == "list":
+            await timed(client, "list", "GET", "/fine_tuning/jobs", params={"limit": 20})
+        elif op == "retrieve":
+            await timed(client, "retrieve", "GET", f"/fine_tuning/jobs/{job_id}")
+        else:
+            await timed(client, "events", "GET", f"/fine_tuning/jobs/{job_id}/events", params={"limit": 20})
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        # `concurrency` requests in flight at most, each task on its own keep-alive connection, as the thread pool
+        # of the sync client had.
+        async with client:
+            for op in ops:
+                await one(client, op)
+
+    clients = [new_client() for _ in range(args.concurrency)]
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(client) for client in clients))
+    return latencies, errors, time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000/v1")
@@ -50,68 +129,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="End stdout with one JSON line.")
     args = parser.parse_args()
 
-    headers = {"Authorization": f"Bearer {args.key}"}
-    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-    client = httpx.Client(base_url=args.url, headers=headers, timeout=60, limits=limits)
-    uploaded = client.post("/files", files={"file": ("bench.jsonl", CHAT.read_bytes())}, data={"purpose": "fine-tune"})
-    uploaded.raise_for_status()
-    file_id = uploaded.json()["id"]
-
-    def create_one() -> str:
-        created = client.post("/fine_tuning/jobs", json={"model": args.model, "training_file": file_id,
-                                                         **NEVER_RUNS})
-        created.raise_for_status()
-        job_id = created.json()["id"]
-        client.post(f"/fine_tuning/jobs/{job_id}/cancel").raise_for_status()
-        return job_id
-
-    job_ids = [create_one()]  # something to retrieve from the first request on
-    lock = threading.Lock()
-    rng = random.Random(args.seed)
     mix = {k: float(v) for k, v in (item.split("=") for item in args.mix.split(","))}
-    ops = rng.choices(list(mix), weights=list(mix.values()), k=args.requests)
-    latencies: dict[str, list[float]] = {op: [] for op in [*MIX, "cancel"]}
-    errors = {"4xx": 0, "5xx": 0, "transport": 0}
-
-    def timed(op: str, method: str, path: str, **kwargs) -> httpx.Response | None:
-        started = time.perf_counter()
-        try:
-            response = client.request(method, path, **kwargs)
-        except httpx.HTTPError:
-            with lock:
-                errors["transport"] += 1
-            return None
-        elapsed = time.perf_counter() - started
-        with lock:
-            latencies[op].append(elapsed)
-            if response.status_code >= 500:
-                errors["5xx"] += 1
-            elif response.status_code >= 400:
-                errors["4xx"] += 1
-        return response
-
-    def one(op: str) -> None:
-        with lock:
-            job_id = rng.choice(job_ids)
-        if op == "create":
-            response = timed("create", "POST", "/fine_tuning/jobs", json={
-                "model": args.model, "training_file": file_id, **NEVER_RUNS})
-            if response is not None and response.status_code == 200:
-                new_id = response.json()["id"]
-                timed("cancel", "POST", f"/fine_tuning/jobs/{new_id}/cancel")
-                with lock:
-                    job_ids.append(new_id)
-        elif op == "list":
-            timed("list", "GET", "/fine_tuning/jobs", params={"limit": 20})
-        elif op == "retrieve":
-            timed("retrieve", "GET", f"/fine_tuning/jobs/{job_id}")
-        else:
-            timed("events", "GET", f"/fine_tuning/jobs/{job_id}/events", params={"limit": 20})
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(args.concurrency) as pool:
-        list(pool.map(one, ops))
-    wall = time.perf_counter() - started
+    latencies, errors, wall = asyncio.run(drive(args, mix))
     total = sum(len(v) for v in latencies.values())
     reads = [x for op in ("list", "retrieve", "events") for x in latencies[op]]
     rows = {op: {"n": len(v), "p50_ms": percentile(v, 50) * 1e3, "p99_ms": percentile(v, 99) * 1e3,

@@ -33,6 +33,10 @@ def _missing_extra() -> Optional[str]:
 @click.group(invoke_without_command=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP API listens on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Its port.")
+@click.option("--direct-ingress/--no-direct-ingress", default=True, show_default=True,
+              help="With the embedded Ray: the Serve replica answers on --port itself, Serve's proxy on a free port "
+                   "beside it; --no-direct-ingress: through the proxy on --port. On a cluster (--address), its "
+                   "`ray start` environment decides (docs/api.md).")
 @click.option("--address", default=None, metavar="ADDRESS",
               help="Ray cluster to run on (auto, HOST:PORT); default: an embedded local Ray instance.")
 @db_option
@@ -43,7 +47,7 @@ def _missing_extra() -> Optional[str]:
 @click.option("--max-upload-mb", default=512, show_default=True, type=click.IntRange(min=1),
               help="Largest file upload accepted (larger: HTTP 413).")
 @click.pass_context
-def api(ctx: click.Context, host: str, port: int, address: Optional[str], db: Optional[str], models: Optional[str],
+def api(ctx: click.Context, host: str, port: int, direct_ingress: bool, address: Optional[str], db: Optional[str], models: Optional[str],
         storage: Optional[str], max_upload_mb: int) -> None:
     """Serve the OpenAI-compatible fine-tuning jobs API on Ray Serve (blocks until Ctrl-C)."""
     if ctx.invoked_subcommand is not None:
@@ -73,7 +77,8 @@ def api(ctx: click.Context, host: str, port: int, address: Optional[str], db: Op
         click.echo(f"lorafleet: API ready at {url}", err=True)
 
     try:
-        code = run_service(host=host, port=port, address=address, config=config, on_ready=ready)
+        code = run_service(host=host, port=port, address=address, config=config, on_ready=ready,
+                           direct_ingress=direct_ingress)
     except ServiceError as exc:
         raise UsageError(str(exc)) from None
     sys.exit(code)

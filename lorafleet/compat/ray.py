@@ -2,7 +2,7 @@
 
 Checked on: ray 2.60.0 (installed; `tests/unit/compat/test_compat_ray.py` exercises each item: the Ray Train ones
 without a cluster, on a `StorageContext` built directly on a temporary folder as Ray's own doctests do; item 8 on a
-real embedded Ray instance).
+real embedded Ray instance; item 9 on a real embedded Ray instance with `lorafleet api`'s Serve app).
 
 Private things touched:
 
@@ -44,6 +44,19 @@ Private things touched:
    `log_to_driver` says, at any moment, e.g. after a `--json` line. [`cluster_messages_to_stderr`] wraps it so that
    those messages go to stderr; the workers' own output keeps its stream. Gone when Ray prints them to stderr or
    honours `log_to_driver` for them.
+9. Ray Serve's direct ingress (`ray.serve._private.constants`, environment variables read once when a Serve process
+   imports them, so they must be in the Ray processes' environment: set before `ray.init` starts an embedded
+   instance, or given to `ray start`): `RAY_SERVE_ENABLE_DIRECT_INGRESS=1` makes the ingress replica serve HTTP
+   itself on a port the controller hands out (`NodePortManager`: the lowest free port of
+   `range(RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT)`, the upper bound
+   excluded, so `MIN=P, MAX=P+1` gives exactly `P`), on `http_options.host`, while Serve's proxy still starts on the
+   head node at `http_options.port`. `RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=0` and
+   `RAY_SERVE_PORT_QUARANTINE_S=0` drop the 30 s a stopping replica otherwise stays up for a load balancer to notice,
+   and the 150 s a released port is kept out of the pool (a restarted replica would find its one port withheld).
+   `lorafleet api` uses it because the proxy's extra hop (proxy actor -> replica, both on the same cores) cost about
+   half the throughput and most of the tail latency on a 2-core machine (bench/README.md): [`direct_ingress_env`],
+   [`cluster_direct_ingress`]. Gone when Serve offers a documented option to serve an application on its own port
+   without the proxy (or makes direct ingress the default with a public port setting).
 """
 
 from __future__ import annotations
@@ -262,3 +275,91 @@ def cluster_messages_to_stderr() -> None:
 
     print_to_stdstream.lorafleet_stderr = True  # type: ignore[attr-defined]
     worker.print_to_stdstream = print_to_stdstream
+
+
+# Item 9: names and semantics checked in ray/serve/_private/constants.py and node_port_manager.py (ray 2.60.0).
+DIRECT_INGRESS = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+DIRECT_INGRESS_MIN_PORT = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
+DIRECT_INGRESS_MAX_PORT = "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"
+
+
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """The environment that makes Serve's ingress replica itself answer HTTP on `port` (item 9), for the Ray
+    processes: set it before `ray.init` starts an embedded instance, or pass it to `ray start`.
+
+    Args:
+        port (`int`):
+            The port the application's ingress replica listens on (one replica: a range of exactly one port).
+
+    Returns:
+        `dict[str, str]`: Environment variables.
+
+    Example:
+
+    ```python
+    >>> env = direct_ingress_env(8000)
+    >>> env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]
+    ('8000', '8001')
+    ```
+    """
+    return {
+        DIRECT_INGRESS: "1",
+        # The allocator hands out range(MIN, MAX): MAX is excluded.
+        DIRECT_INGRESS_MIN_PORT: str(port),
+        DIRECT_INGRESS_MAX_PORT: str(port + 1),
+        # No load balancer sits in front to deregister the replica, so there is nothing to wait for on stop.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+    }
+
+
+def direct_ingress_port(env: dict[str, str]) -> Optional[int]:
+    """The one port on which Serve's ingress replica listens under the environment `env` of its Ray processes, or
+    `None` when direct ingress is off there or its port range holds more than one port (item 9).
+
+    Direct ingress is on with `RAY_SERVE_ENABLE_DIRECT_INGRESS=1`, or with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` unless
+    `RAY_SERVE_ENABLE_DIRECT_INGRESS` says otherwise.
+
+    Example:
+
+    ```python
+    >>> direct_ingress_port(direct_ingress_env(8000)), direct_ingress_port({}), direct_ingress_port(
+    ...     {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
+    (8000, None, None)
+    ```
+    """
+    # Serve reads each of these as on when it is exactly "1".
+    if DIRECT_INGRESS in env:
+        enabled = env[DIRECT_INGRESS] == "1"
+    else:
+        enabled = env.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1"
+    if not enabled:
+        return None
+    low = int(env.get(DIRECT_INGRESS_MIN_PORT, "30000"))
+    high = int(env.get(DIRECT_INGRESS_MAX_PORT, "31000"))
+    return low if high == low + 1 else None
+
+
+def cluster_direct_ingress() -> tuple[bool, Optional[int]]:
+    """Whether the connected cluster's Serve runs with direct ingress, and its one port if its range is one port
+    (item 9): read from the environment of a task on the head node, where Serve's controller runs and which `ray
+    start` gave its processes. Call it after `ray.init`.
+
+    Returns:
+        `tuple[bool, Optional[int]]`: (direct ingress on, its port or `None`).
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = next((node["NodeID"] for node in ray.nodes()
+                 if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {})), None)
+    names = (DIRECT_INGRESS, "RAY_SERVE_THROUGHPUT_OPTIMIZED", DIRECT_INGRESS_MIN_PORT, DIRECT_INGRESS_MAX_PORT)
+
+    @ray.remote(num_cpus=0)
+    def read_env() -> dict[str, str]:
+        return {name: os.environ[name] for name in names if name in os.environ}
+
+    options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(head, soft=False)} if head else {}
+    env = ray.get(read_env.options(**options).remote(), timeout=60)
+    enabled = direct_ingress_port({**env, DIRECT_INGRESS_MIN_PORT: "0", DIRECT_INGRESS_MAX_PORT: "1"}) is not None
+    return enabled, direct_ingress_port(env)

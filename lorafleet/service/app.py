@@ -22,6 +22,7 @@ from typing import Any, Optional
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorafleet.runstore.location import RunLocation
@@ -85,6 +86,23 @@ def error_response(status: int, message: str, param: Optional[str] = None, code:
                         status_code=status)
 
 
+def plain(content: Any) -> JSONResponse:
+    """A response for content that is already plain JSON (dicts, lists, str, numbers, None), as the routes build it.
+
+    FastAPI passes a returned dict through `jsonable_encoder`, which walks every value in Python: for a list of 20
+    jobs that was half of the request's ~5 ms of CPU in the replica (cProfile, in-loop ASGI calls). Returning the
+    response skips that walk; the bytes are the same (`JSONResponse` is what FastAPI would have rendered with).
+
+    Example:
+
+    ```python
+    >>> plain({"object": "list", "data": []}).body
+    b'{"object":"list","data":[]}'
+    ```
+    """
+    return JSONResponse(content)
+
+
 def _not_found(kind: str, object_id: str) -> APIError:
     # The same answer for an id that does not exist and for another tenant's: no existence leak.
     return APIError(404, f"No such {kind}: {object_id}", code=f"{kind.replace(' ', '_')}_not_found")
@@ -104,6 +122,34 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, Optional[str
     if kind == "missing":
         return f"Missing required parameter: '{param}'.", param
     return f"Invalid value for '{param}': {msg}", param
+
+
+class UploadLimit:
+    """ASGI middleware: refuse an oversized upload by its declared length, before the multipart body is read and
+    spooled to disk (a body without a length is still cut at the limit by the route).
+
+    Plain ASGI rather than `@app.middleware("http")`: Starlette's `BaseHTTPMiddleware` runs every request, reads
+    included, through an extra task and a pair of memory streams, for a check that concerns only `POST /v1/files`.
+
+    Args:
+        app (`ASGIApp`):
+            The app it wraps.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/files"):
+            service = getattr(scope["app"].state, "service", None) or _SERVICE.get("service")
+            declared = Headers(scope=scope).get("content-length", "")
+            # Multipart framing adds a few hundred bytes around the file.
+            if service is not None and declared.isdigit() and int(declared) > service.max_upload_bytes + 16384:
+                response = error_response(413, f"File too large: the limit is {service.max_upload_bytes} bytes",
+                                          param="file", code="file_too_large")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(service: Optional[Service] = None) -> FastAPI:
@@ -136,18 +182,7 @@ def create_app(service: Optional[Service] = None) -> FastAPI:
     if service is not None:
         app.state.service = service
 
-    @app.middleware("http")
-    async def _upload_limit(request: Request, call_next):
-        # Refuse an oversized upload by its declared length, before the multipart body is read and spooled to disk
-        # (a body without a length is still cut at the limit by the route).
-        if request.method == "POST" and request.url.path.rstrip("/").endswith("/files"):
-            service = getattr(request.app.state, "service", None) or _SERVICE.get("service")
-            declared = request.headers.get("content-length", "")
-            # Multipart framing adds a few hundred bytes around the file.
-            if service is not None and declared.isdigit() and int(declared) > service.max_upload_bytes + 16384:
-                return error_response(413, f"File too large: the limit is {service.max_upload_bytes} bytes",
-                                      param="file", code="file_too_large")
-        return await call_next(request)
+    app.add_middleware(UploadLimit)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -203,7 +238,7 @@ def create_app(service: Optional[Service] = None) -> FastAPI:
         return row
 
     def page(service: Service, table: str, rows_sql: str, params: list[Any], after: Optional[str], limit: int,
-             render) -> dict[str, Any]:
+             render) -> JSONResponse:
         """A list page, newest first: `after` is the last id of the previous page."""
         if after is not None:
             # Looked up within the same list (tenant, job): another tenant's id is as unknown here as a made-up one.
@@ -214,8 +249,8 @@ def create_app(service: Optional[Service] = None) -> FastAPI:
             params = [*params, anchor["seq"]]
         found = service.db.rows(f"{rows_sql} ORDER BY seq DESC LIMIT ?", [*params, limit + 1])
         data = [render(row) for row in found[:limit]]
-        return {"object": "list", "data": data, "has_more": len(found) > limit,
-                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+        return plain({"object": "list", "data": data, "has_more": len(found) > limit,
+                      "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
 
     def limit_param(limit: int) -> int:
         if limit < 1 or limit > 100:
@@ -257,7 +292,7 @@ def create_app(service: Optional[Service] = None) -> FastAPI:
 
     @app.get("/v1/files/{file_id}")
     async def retrieve_file(file_id: str, service: Service = Depends(svc), who: Principal = Depends(principal)):
-        return file_object(get_file(service, who, file_id))
+        return plain(file_object(get_file(service, who, file_id)))
 
     @app.get("/v1/files/{file_id}/content")
     def file_content(file_id: str, service: Service = Depends(svc), who: Principal = Depends(principal)):
@@ -314,7 +349,7 @@ def create_app(service: Optional[Service] = None) -> FastAPI:
 
     @app.get("/v1/fine_tuning/jobs/{job_id}")
     async def retrieve_job(job_id: str, service: Service = Depends(svc), who: Principal = Depends(principal)):
-        return job_object(get_job(service, who, job_id))
+        return plain(job_object(get_job(service, who, job_id)))
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
     def cancel_job(job_id: str, service: Service = Depends(svc), who: Principal = Depends(principal)):
@@ -350,8 +385,8 @@ def create_app(service: Optional[Service] = None) -> FastAPI:
             items = items[ids.index(after) + 1:]
         limit = limit_param(limit)
         data = items[:limit]
-        return {"object": "list", "data": data, "has_more": len(items) > limit,
-                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+        return plain({"object": "list", "data": data, "has_more": len(items) > limit,
+                      "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
 
     # -- models ----------------------------------------------------------------------------------------------------
 
@@ -368,13 +403,13 @@ def create_app(service: Optional[Service] = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models(service: Service = Depends(svc), who: Principal = Depends(principal)):
-        return {"object": "list", "data": model_objects(service, who)}
+        return plain({"object": "list", "data": model_objects(service, who)})
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str, service: Service = Depends(svc), who: Principal = Depends(principal)):
         for model in model_objects(service, who):
             if model["id"] == model_id:
-                return model
+                return plain(model)
         raise APIError(404, f"The model '{model_id}' does not exist or you do not have access to it.",
                        param="model", code="model_not_found")
 

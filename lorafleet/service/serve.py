@@ -2,8 +2,13 @@
 the FastAPI app (built in the replica by `__serve_build_asgi_app__`, after the constructor made the service).
 
 [`run_service`] is `lorafleet api`: it starts Ray (an embedded local instance, or joins `--address`), deploys the
-app on Serve's HTTP proxy at `host:port`, and blocks until Ctrl-C or SIGTERM, then deletes the app. The app shows
-in the Ray dashboard's Serve view; a later inference deployment can join it.
+app, and blocks until Ctrl-C or SIGTERM, then deletes the app. The app shows in the Ray dashboard's Serve view; a
+later inference deployment can join it.
+
+Where the API answers: with the embedded instance, the replica itself serves HTTP on `host:port` (Serve's direct
+ingress, `lorafleet.compat.ray` item 9) and Serve's proxy listens on a free port beside it; the proxy's hop cost
+about half the throughput on 2 cores (bench/README.md). On a cluster (`--address`), the cluster's `ray start`
+decides: with direct ingress on a one-port range equal to `--port`, likewise; otherwise Serve's proxy at `host:port`.
 
 Jobs run as Ray jobs through the cluster's Jobs API (its dashboard URL, found from the Ray context), so they keep
 running while the service restarts, and `lorafleet list/status/logs` show them. With the embedded Ray instance the
@@ -14,12 +19,17 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from typing import Any, Optional
 
 from ray import serve
 
+from lorafleet.compat.ray import cluster_direct_ingress, direct_ingress_env
 from lorafleet.service.app import DEFAULT_MAX_UPLOAD, Service, create_app
 from lorafleet.service.catalog import load_catalog
 from lorafleet.service.db import Database, default_db_url
@@ -96,23 +106,71 @@ def service_config(
     return config
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether `host:port` cannot be bound now (another process listens there).
+
+    Example:
+
+    ```python
+    >>> with socket.socket() as taken:
+    ...     taken.bind(("127.0.0.1", 0)); taken.listen()
+    ...     port_in_use("127.0.0.1", taken.getsockname()[1])
+    True
+    ```
+    """
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # As a server binds it (uvicorn sets SO_REUSEADDR): a port left in TIME_WAIT by a previous run is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port(host: str) -> int:
+    """A port on `host` that nothing listens on now (the kernel's pick), for Serve's proxy beside the API."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_answering(url: str, timeout: float = 60.0) -> bool:
+    """Whether `url` answers HTTP (any status: `/v1/models` says 401 without a key) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/models", timeout=5).close()
+            return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
+
 def run_service(
     host: str = "127.0.0.1", port: int = 8000, address: Optional[str] = None, config: Optional[dict[str, Any]] = None,
-    on_ready=None,
+    on_ready=None, direct_ingress: bool = True,
 ) -> int:
     """Start Ray and the API on Serve, and block until Ctrl-C or SIGTERM; return the exit code.
 
     Args:
         host (`str`, *optional*, defaults to `"127.0.0.1"`):
-            Where Serve's HTTP proxy listens.
+            Where the API listens.
         port (`int`, *optional*, defaults to 8000):
-            Its port.
+            Its port: the Serve replica's own (direct ingress) with the embedded Ray instance, or on a cluster whose
+            direct-ingress port it is; Serve's proxy's otherwise.
         address (`str`, *optional*):
             A Ray cluster to join (`auto`, `HOST:PORT`); default: an embedded local Ray instance.
         config (`dict`, *optional*):
             From [`service_config`].
         on_ready (`Callable[[str], None]`, *optional*):
             Called with the API's base URL once it answers.
+        direct_ingress (`bool`, *optional*, defaults to `True`):
+            With the embedded Ray instance: serve from the replica at `host:port` and put Serve's proxy on a free
+            port (`False`: the proxy at `host:port`, as on a cluster without direct ingress).
     """
     import ray
 
@@ -123,6 +181,17 @@ def run_service(
     env = {"LORAFLEET_HOME": str(lorafleet_home())}
     if os.environ.get("LORAFLEET_REMOTE_PYTHON"):
         env["LORAFLEET_REMOTE_PYTHON"] = os.environ["LORAFLEET_REMOTE_PYTHON"]
+    direct = address is None and direct_ingress
+    saved: dict[str, Optional[str]] = {}
+    if direct:
+        # The replica binds the port only once Ray and Serve are up; a taken port would fail there after retries.
+        if port_in_use(host, port):
+            raise ServiceError(f"--port {port}: {host}:{port} is already in use")
+        # Read by Serve's controller and replica when they import Serve: they must be in the embedded instance's
+        # environment, which its processes take from this one at ray.init.
+        ingress_env = direct_ingress_env(port)
+        saved = {name: os.environ.get(name) for name in ingress_env}
+        os.environ.update(ingress_env)
     try:
         # "local": a new embedded instance even where `ray start` runs one on this machine (plain `ray.init()` would
         # join it), as `lorafleet submit` does.
@@ -131,15 +200,36 @@ def run_service(
     except Exception as exc:  # noqa: BLE001 - any start/join failure is one line for the user
         raise ServiceError(f"--address {address or '(embedded)'}: cannot start or join Ray: "
                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    finally:
+        # Only the embedded instance needed them; a later ray.init in this process (tests) starts clean.
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     try:
         dashboard = context.dashboard_url
         config["dashboard"] = dashboard if "://" in dashboard else f"http://{dashboard}"
-        serve.start(http_options={"host": host, "port": port})
+        if address is not None:
+            enabled, cluster_port = cluster_direct_ingress()
+            direct = cluster_port == port
+            if enabled and not direct:
+                print(f"lorafleet: the cluster's Serve runs with direct ingress, on a port range other than --port "
+                      f"{port} alone; the API answers through Serve's proxy at {host}:{port} (docs/api.md)",
+                      file=sys.stderr)
+        proxy_port = free_port(host) if direct else port
+        serve.start(http_options={"host": host, "port": proxy_port})
         app = FineTuningAPI.options(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}}).bind(config)
         serve.run(app, name=APP_NAME, route_prefix="/")
         # After Ray's start-up, which installs its own SIGTERM handler (the process would die without clean-up).
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         url = f"http://{host}:{port}/v1"
+        if not wait_until_answering(url):
+            raise ServiceError(f"the API was deployed but does not answer at {url} (see the Serve logs under "
+                               f"/tmp/ray/session_latest/logs/serve)")
+        if direct:
+            print(f"lorafleet: Serve's proxy at http://{host}:{proxy_port}/v1 (the API answers directly at {url})",
+                  file=sys.stderr)
         if on_ready is not None:
             on_ready(url)
         while not stop.wait(0.5):

@@ -8,8 +8,11 @@ Each failure message names the assumption, so a Ray upgrade that breaks one says
 import dataclasses
 import inspect
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -203,3 +206,77 @@ def test_a_cluster_message_goes_to_stderr_and_stdout_keeps_only_our_lines(tmp_pa
     assert "a-cluster-message" in result.stderr, (
         f"the message never reached the driver ({CHECKED.format(8)}): {result.stderr[-2000:]}"
     )
+
+
+def test_direct_ingress_env_gives_serve_exactly_the_one_port():
+    # Serve reads these when its constants module is imported: a fresh interpreter with the environment set, as
+    # the controller and replica processes of an embedded instance are.
+    port = 8123
+    script = (
+        "from ray.serve._private import constants\n"
+        "from ray.serve._private.node_port_manager import NoAvailablePortError, PortAllocator\n"
+        "allocator = PortAllocator(constants.RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT,\n"
+        "                          constants.RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT, 'HTTP', 'node')\n"
+        "first = allocator.allocate('replica-1')\n"
+        "try:\n"
+        "    allocator.allocate('replica-2'); second = 'allocated'\n"
+        "except NoAvailablePortError:\n"
+        "    second = 'none-left'\n"
+        "allocator.release('replica-1', first)\n"
+        "again = allocator.allocate('replica-3')\n"
+        "print(constants.RAY_SERVE_ENABLE_DIRECT_INGRESS, first, second, again,\n"
+        "      constants.RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S, constants.RAY_SERVE_PORT_QUARANTINE_S)\n"
+    )
+    env = {**os.environ, **compat.direct_ingress_env(port)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, (
+        f"ray: Serve's direct-ingress constants or PortAllocator moved ({CHECKED.format(9)}): {result.stderr[-2000:]}"
+    )
+    assert result.stdout.split() == ["True", str(port), "none-left", str(port), "0.0", "0.0"], (
+        f"ray: the direct-ingress variables no longer give one replica exactly port {port}, reusable at once after "
+        f"a release, with no drain wait ({CHECKED.format(9)}): {result.stdout}"
+    )
+    assert compat.direct_ingress_port(env) == port
+
+
+def test_lorafleet_api_answers_on_its_port_from_the_replica(tmp_path):
+    # The real thing: `lorafleet api` with its embedded Ray and Serve; the API must answer on --port, and Serve's
+    # proxy elsewhere (without direct ingress the proxy would hold --port and the replica no port at all).
+    import psutil
+    import requests
+    from helpers.net import free_port
+
+    port = free_port()
+    env = {**os.environ, "LORAFLEET_HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "lorafleet.cli", "api", "--port", str(port), "--db",
+                             f"sqlite:///{tmp_path}/api.db"], stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "API ready" in line or proc.poll() is not None:
+                break
+        log = "".join(lines)
+        assert "API ready" in log, log[-3000:]
+        found = re.search(r"Serve's proxy at http://127\.0\.0\.1:(\d+)/v1", log)
+        assert found is not None and int(found.group(1)) != port, log[-3000:]
+        proxy = int(found.group(1))
+        assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
+        assert requests.get(f"http://127.0.0.1:{proxy}/v1/models", timeout=10).status_code == 401
+        listeners = {c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+        names = [psutil.Process(pid).name() for pid in listeners if pid]
+        assert any("ServeRepli" in name for name in names), (
+            f"ray: --port {port} is not served by the Serve replica itself ({CHECKED.format(9)}): {names}"
+        )
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+        # RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=0: without it deleting the app waits 30 s for a load
+        # balancer that is not there.
+        assert proc.returncode == 0 and time.monotonic() - started < 25, (
+            f"stopping took {time.monotonic() - started:.0f} s ({CHECKED.format(9)})"
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
