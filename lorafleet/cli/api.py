@@ -47,8 +47,8 @@ def _missing_extra() -> Optional[str]:
 @click.option("--max-upload-mb", default=512, show_default=True, type=click.IntRange(min=1),
               help="Largest file upload accepted (larger: HTTP 413).")
 @click.pass_context
-def api(ctx: click.Context, host: str, port: int, direct_ingress: bool, address: Optional[str], db: Optional[str], models: Optional[str],
-        storage: Optional[str], max_upload_mb: int) -> None:
+def api(ctx: click.Context, host: str, port: int, direct_ingress: bool, address: Optional[str], db: Optional[str],
+        models: Optional[str], storage: Optional[str], max_upload_mb: int) -> None:
     """Serve the OpenAI-compatible fine-tuning jobs API on Ray Serve (blocks until Ctrl-C)."""
     if ctx.invoked_subcommand is not None:
         return

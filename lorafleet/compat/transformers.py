@@ -52,6 +52,8 @@ from typing import Any, Callable, Union
 import torch
 from torch import nn
 
+from lorafleet.compat.accelerate import unwrap_without_deepspeed
+
 # What the fused attention forward calls from the family's modeling module (item 1).
 FAMILY_FUNCTIONS = ("apply_rotary_pos_emb", "ALL_ATTENTION_FUNCTIONS", "eager_attention_forward")
 
@@ -267,8 +269,6 @@ def save_model(model: nn.Module, folder: Union[str, Path]) -> None:
     ['model.safetensors']
     ```
     """
-    from lorafleet.compat.accelerate import unwrap_without_deepspeed
-
     # An instance attribute shadows the method for this call only; the model's class is left as it is.
     model.__dict__["should_save_on_this_rank"] = lambda is_main_process: is_main_process
     try:

@@ -89,9 +89,8 @@ def error_response(status: int, message: str, param: Optional[str] = None, code:
 def plain(content: Any) -> JSONResponse:
     """A response for content that is already plain JSON (dicts, lists, str, numbers, None), as the routes build it.
 
-    FastAPI passes a returned dict through `jsonable_encoder`, which walks every value in Python: for a list of 20
-    jobs that was half of the request's ~5 ms of CPU in the replica (cProfile, in-loop ASGI calls). Returning the
-    response skips that walk; the bytes are the same (`JSONResponse` is what FastAPI would have rendered with).
+    FastAPI passes a returned dict through `jsonable_encoder`, which walks every value in Python again (half of a
+    job list's CPU in the replica, bench/README.md); returning the response skips that walk, with the same bytes.
 
     Example:
 

@@ -128,6 +128,45 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def claim_port(host: str, port: int, timeout: float = 65.0) -> None:
+    """Return once `host:port` can be bound: at once when it is free, after waiting when only connections of a
+    previous server linger there in TIME_WAIT. Serve's direct-ingress listener does not set SO_REUSEADDR, so for ~60 s
+    after a `lorafleet api` that served requests stops, no new server can bind its port.
+
+    Args:
+        host (`str`): The address to bind.
+        port (`int`): The port.
+        timeout (`float`, *optional*, defaults to 65.0): Seconds to wait for lingering connections.
+
+    Raises:
+        [`ServiceError`]: Another process listens on the port, or it stayed taken for `timeout` seconds.
+
+    Example:
+
+    ```python
+    >>> with socket.socket() as taken:
+    ...     taken.bind(("127.0.0.1", 0)); taken.listen()
+    ...     claim_port("127.0.0.1", taken.getsockname()[1])
+    Traceback (most recent call last):
+    ...
+    lorafleet.service.serve.ServiceError: --port ...: 127.0.0.1:... is already in use
+    ```
+    """
+    import psutil
+
+    if not port_in_use(host, port):
+        return
+    if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in psutil.net_connections("tcp")):
+        raise ServiceError(f"--port {port}: {host}:{port} is already in use")
+    print(f"lorafleet: --port {port}: waiting for a previous server's connections to close (up to {timeout:.0f} s)",
+          file=sys.stderr)
+    deadline = time.monotonic() + timeout
+    while port_in_use(host, port):
+        if time.monotonic() > deadline:
+            raise ServiceError(f"--port {port}: {host}:{port} stayed taken for {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 def free_port(host: str) -> int:
     """A port on `host` that nothing listens on now (the kernel's pick), for Serve's proxy beside the API."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
@@ -185,8 +224,7 @@ def run_service(
     saved: dict[str, Optional[str]] = {}
     if direct:
         # The replica binds the port only once Ray and Serve are up; a taken port would fail there after retries.
-        if port_in_use(host, port):
-            raise ServiceError(f"--port {port}: {host}:{port} is already in use")
+        claim_port(host, port)
         # Read by Serve's controller and replica when they import Serve: they must be in the embedded instance's
         # environment, which its processes take from this one at ray.init.
         ingress_env = direct_ingress_env(port)
@@ -242,3 +280,8 @@ def run_service(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         ray.shutdown()
+        if address is None and direct:
+            # The replica's process can outlive ray.shutdown() by seconds: an immediate restart must find --port free.
+            deadline = time.monotonic() + 15
+            while port_in_use(host, port) and time.monotonic() < deadline:
+                time.sleep(0.2)
