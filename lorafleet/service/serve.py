@@ -119,7 +119,7 @@ def port_in_use(host: str, port: int) -> bool:
     ```
     """
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        # As a server binds it (uvicorn sets SO_REUSEADDR): a port left in TIME_WAIT by a previous run is free.
+        # As uvicorn binds: connections in TIME_WAIT of a server that set SO_REUSEADDR too do not block the port.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
