@@ -318,6 +318,13 @@ def direct_ingress_env(port: int) -> dict[str, str]:
     }
 
 
+def _direct_ingress_on(env: dict[str, str]) -> bool:
+    # Serve reads each of these as on when it is exactly "1"; the explicit switch wins over the optimized mode's.
+    if DIRECT_INGRESS in env:
+        return env[DIRECT_INGRESS] == "1"
+    return env.get(THROUGHPUT_OPTIMIZED) == "1"
+
+
 def direct_ingress_port(env: dict[str, str]) -> Optional[int]:
     """The one port on which Serve's ingress replica listens under the environment `env` of its Ray processes, or
     `None` when direct ingress is off there or its port range holds more than one port (item 9).
@@ -333,12 +340,7 @@ def direct_ingress_port(env: dict[str, str]) -> Optional[int]:
     (8000, None, None)
     ```
     """
-    # Serve reads each of these as on when it is exactly "1".
-    if DIRECT_INGRESS in env:
-        enabled = env[DIRECT_INGRESS] == "1"
-    else:
-        enabled = env.get(THROUGHPUT_OPTIMIZED) == "1"
-    if not enabled:
+    if not _direct_ingress_on(env):
         return None
     low = int(env.get(DIRECT_INGRESS_MIN_PORT, "30000"))
     high = int(env.get(DIRECT_INGRESS_MAX_PORT, "31000"))
@@ -366,5 +368,4 @@ def cluster_direct_ingress() -> tuple[bool, Optional[int]]:
 
     options = {"scheduling_strategy": NodeAffinitySchedulingStrategy(head, soft=False)} if head else {}
     env = ray.get(read_env.options(**options).remote(), timeout=60)
-    enabled = direct_ingress_port({**env, DIRECT_INGRESS_MIN_PORT: "0", DIRECT_INGRESS_MAX_PORT: "1"}) is not None
-    return enabled, direct_ingress_port(env)
+    return _direct_ingress_on(env), direct_ingress_port(env)

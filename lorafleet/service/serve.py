@@ -22,7 +22,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from typing import Any, Optional
@@ -34,7 +33,7 @@ from lorafleet.service.app import DEFAULT_MAX_UPLOAD, Service, create_app
 from lorafleet.service.catalog import load_catalog
 from lorafleet.service.db import Database, default_db_url
 from lorafleet.service.files import FileStore
-from lorafleet.service.scheduler import RayBackend, Scheduler
+from lorafleet.service.scheduler import RayBackend, Scheduler, wait_for
 from lorafleet.spec import lorafleet_home
 
 APP_NAME = "lorafleet-api"
@@ -107,7 +106,7 @@ def service_config(
 
 
 def port_in_use(host: str, port: int) -> bool:
-    """Whether `host:port` cannot be bound now (another process listens there).
+    """Whether `host:port` cannot be bound now (a process listens there, or a stopped server's connections linger).
 
     Example:
 
@@ -152,19 +151,32 @@ def claim_port(host: str, port: int, timeout: float = 65.0) -> None:
     lorafleet.service.serve.ServiceError: --port ...: 127.0.0.1:... is already in use
     ```
     """
-    import psutil
-
     if not port_in_use(host, port):
         return
-    if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in psutil.net_connections("tcp")):
+    if port_listened(port):
         raise ServiceError(f"--port {port}: {host}:{port} is already in use")
     print(f"lorafleet: --port {port}: waiting for a previous server's connections to close (up to {timeout:.0f} s)",
           file=sys.stderr)
-    deadline = time.monotonic() + timeout
-    while port_in_use(host, port):
-        if time.monotonic() > deadline:
-            raise ServiceError(f"--port {port}: {host}:{port} stayed taken for {timeout:.0f} s")
-        time.sleep(0.5)
+    if not wait_for(lambda: not port_in_use(host, port), timeout_s=timeout, poll_s=0.5):
+        raise ServiceError(f"--port {port}: {host}:{port} stayed taken for {timeout:.0f} s")
+
+
+def port_listened(port: int) -> bool:
+    """Whether a process listens on TCP `port` (on any address); lingering connections of a stopped one do not count.
+
+    Example:
+
+    ```python
+    >>> with socket.socket() as taken:
+    ...     taken.bind(("127.0.0.1", 0)); taken.listen()
+    ...     port_listened(taken.getsockname()[1])
+    True
+    ```
+    """
+    import psutil
+
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+               for c in psutil.net_connections("tcp"))
 
 
 def free_port(host: str) -> int:
@@ -174,19 +186,15 @@ def free_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
-def wait_until_answering(url: str, timeout: float = 60.0) -> bool:
-    """Whether `url` answers HTTP (any status: `/v1/models` says 401 without a key) within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/models", timeout=5).close()
-            return True
-        except urllib.error.HTTPError:
-            return True
-        except OSError:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.2)
+def answers(url: str) -> bool:
+    """Whether `url` answers HTTP now (any status: `/v1/models` says 401 without a key)."""
+    try:
+        urllib.request.urlopen(f"{url}/models", timeout=5).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def run_service(
@@ -262,7 +270,7 @@ def run_service(
         # After Ray's start-up, which installs its own SIGTERM handler (the process would die without clean-up).
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         url = f"http://{host}:{port}/v1"
-        if not wait_until_answering(url):
+        if not wait_for(lambda: answers(url), timeout_s=60, poll_s=0.2):
             raise ServiceError(f"the API was deployed but does not answer at {url} (see the Serve logs under "
                                f"/tmp/ray/session_latest/logs/serve)")
         if direct:
@@ -281,7 +289,6 @@ def run_service(
             signal.signal(sig, handler)
         ray.shutdown()
         if address is None and direct:
-            # The replica's process can outlive ray.shutdown() by seconds: an immediate restart must find --port free.
-            deadline = time.monotonic() + 15
-            while port_in_use(host, port) and time.monotonic() < deadline:
-                time.sleep(0.2)
+            # The replica's process can outlive ray.shutdown() by seconds. Its connections left in TIME_WAIT are not
+            # waited for here: the next start does that (claim_port).
+            wait_for(lambda: not port_listened(port), timeout_s=15, poll_s=0.2)
