@@ -131,6 +131,10 @@ def submit(
         return submit_remote_command(spec, address, wait, as_json)
     if wait:
         fail("--wait: needs a Jobs API address (--address http://HEAD:8265 or RAY_ADDRESS); a local run always waits")
+    from lorafleet.train.cluster import start_ray_in_background, stop_background_ray
+
+    # Ray's processes boot while this one imports torch and runs the pre-flight checks; a refusal stops them again.
+    start_ray_in_background(address, verbose)
     import psutil
 
     from lorafleet.spec import SpecError
@@ -153,6 +157,7 @@ def submit(
             summary = run_job(spec, address=address, on_progress=view.update, verbose=verbose, fresh=fresh,
                               clock=clock)
     except SpecError as exc:
+        stop_background_ray()
         fail(*exc.problems)
     except KeyboardInterrupt:
         # Before training started or after it ended: the run's checkpoints are as they were.

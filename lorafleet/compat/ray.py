@@ -1,8 +1,9 @@
-"""Ray internals lorafleet's checkpoint upload, run settings, sweeps and console output rely on.
+"""Ray internals lorafleet's checkpoint upload, run settings and start-up, sweeps and console output rely on.
 
 Checked on: ray 2.60.0 (installed; `tests/unit/compat/test_compat_ray.py` exercises each item: the Ray Train ones
 without a cluster, on a `StorageContext` built directly on a temporary folder as Ray's own doctests do; item 8 on a
-real embedded Ray instance; item 9 on a real embedded Ray instance with `lorafleet api`'s Serve app).
+real embedded Ray instance; item 9 on a real embedded Ray instance with `lorafleet api`'s Serve app; item 10 by the
+source of the method it replaces and a real embedded instance's Train run).
 
 Private things touched:
 
@@ -59,10 +60,23 @@ Private things touched:
    half the throughput and most of the tail latency on a 2-core machine (bench/README.md): [`direct_ingress_env`],
    [`cluster_direct_ingress`]. Gone when Serve offers a documented option to serve an application on its own port
    without the proxy (or makes direct ingress the default with a public port setting).
+10. `DataParallelTrainer._initialize_and_run_controller` (`ray.train.v2.api.data_parallel_trainer`), the private
+   method `fit()` calls to start the Train controller actor: it gives the controller `runtime_env={"env_vars": ...}`
+   (the Train settings of `get_env_vars_to_propagate()` plus `RAY_WARN_BLOCKING_GET_INSIDE_ASYNC=0`), and a runtime
+   environment other than the job's rules out the Python workers the raylet prestarts when the instance starts, so
+   the controller waits for a fresh process to boot, and so does every helper actor it creates (they inherit its
+   runtime environment). On an instance this process started, whose processes inherit its environment, those
+   settings are in that environment already ([`EMBEDDED_TRAIN_ENV`], set before `ray.init`): [`embedded_trainer`]
+   starts the controller without a runtime environment of its own, in a prestarted worker, otherwise as Ray does.
+   Its workers keep Ray's runtime environment. Also `RAY_TRAIN_ENABLE_PREEMPTION_WATCHER` (`ray.train.v2._internal.
+   constants`, the preemption watcher's feature flag): one machine has no node to drain, so an embedded instance
+   goes without the watcher's actor (one more process booting while the workers set up). Gone when Train V2 stops
+   giving its controller a runtime environment of its own, or offers a documented way to start it in the job's.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Optional
 
@@ -73,8 +87,17 @@ from typing import Any, Optional
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
-def train_env() -> dict[str, str]:
+# What an instance this process starts gives its Train controller through the environment instead of a runtime
+# environment of the controller's own (item 10): Ray's value for the blocking-get warning, and no preemption watcher.
+EMBEDDED_TRAIN_ENV = {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def train_env(embedded: bool = False) -> dict[str, str]:
     """The Ray Train settings lorafleet's runs use (see `TRAIN_ENV`), a value set in the environment taking precedence.
+
+    Args:
+        embedded (`bool`, *optional*, defaults to `False`):
+            For an instance this process starts: `EMBEDDED_TRAIN_ENV` too (item 10).
 
     Example:
 
@@ -84,7 +107,51 @@ def train_env() -> dict[str, str]:
     True
     ```
     """
-    return {key: os.environ.get(key, value) for key, value in TRAIN_ENV.items()}
+    settings = {**TRAIN_ENV, **(EMBEDDED_TRAIN_ENV if embedded else {})}
+    return {key: os.environ.get(key, value) for key, value in settings.items()}
+
+
+@functools.cache
+def embedded_trainer(trainer_cls: type) -> type:
+    """`trainer_cls` (a Ray Train V2 `DataParallelTrainer`, e.g. `TorchTrainer`) with its controller started without
+    a runtime environment of its own (item 10), for an instance this process started with [`train_env`]`(embedded=
+    True)` in its environment: the controller takes one of the Python workers the raylet prestarted.
+
+    Args:
+        trainer_cls (`type`):
+            The trainer class to derive from.
+
+    Returns:
+        `type`: A subclass of `trainer_cls`; everything but the controller's start is `trainer_cls`'s.
+
+    Example:
+
+    ```python
+    >>> from ray.train.torch import TorchTrainer
+    >>> issubclass(embedded_trainer(TorchTrainer), TorchTrainer)
+    True
+    ```
+    """
+    return type(trainer_cls.__name__, (trainer_cls,), {"_initialize_and_run_controller": _run_controller_in_the_jobs_env})
+
+
+def _run_controller_in_the_jobs_env(self: Any, **controller_init_kwargs: Any) -> Any:
+    """Ray's `DataParallelTrainer._initialize_and_run_controller` (2.60) less the controller's `runtime_env`."""
+    import threading
+
+    import ray
+    from ray.train.v2.api.data_parallel_trainer import TrainController
+
+    controller_actor_cls = ray.remote(
+        num_cpus=0,
+        # On the driver's node, as Ray attaches it.
+        label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
+    )(TrainController)
+    controller = controller_actor_cls.remote(**controller_init_kwargs)
+    if threading.current_thread() is threading.main_thread():
+        self._register_sigint_handler(controller)
+    ray.get(controller.run.remote())
+    return ray.get(controller.get_result.remote())
 
 
 def in_submitted_job() -> bool:

@@ -30,7 +30,8 @@ from lorafleet.runstore.location import RunLocation
 from lorafleet.runstore.monitoring import write_run_artifacts
 from lorafleet.spec import SpecError
 from lorafleet.sweep.space import Sweep, copy_params
-from lorafleet.train.driver import data_fingerprint, newest_complete_checkpoint, run_job, start_ray
+from lorafleet.train.cluster import start_ray
+from lorafleet.train.driver import data_fingerprint, newest_complete_checkpoint, run_job
 from lorafleet.train.worker import StepHook
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import queue as _queue
-import signal
 import sys
 import threading
 import time
@@ -27,14 +26,7 @@ from typing import Any, Optional
 
 from pyarrow import fs
 
-from lorafleet.compat.ray import (
-    checkpoint_config,
-    cluster_messages_to_stderr,
-    in_submitted_job,
-    node_start_timed_out,
-    stop_child_processes,
-    train_env,
-)
+from lorafleet.compat.ray import checkpoint_config, embedded_trainer
 from lorafleet.data.alora import Invocation
 from lorafleet.data.cache import build_cache, is_sharded, uses_cache
 from lorafleet.data.dataset import TrainingData
@@ -43,10 +35,11 @@ from lorafleet.data.sources import data_fingerprint, same_file
 from lorafleet.model.build import load_tokenizer_for, resolve_base_model, weights_digest
 from lorafleet.runstore.checkpoint import INFO_FILE, expected_files
 from lorafleet.runstore.lease import RunLease
-from lorafleet.runstore.location import RunLocation, folder_name, storage_env
+from lorafleet.runstore.location import RunLocation, folder_name
 from lorafleet.runstore.monitoring import eval_summary, read_metrics, run_records, write_run_artifacts
 from lorafleet.runstore.storage import UPLOAD_RETRY_S
 from lorafleet.spec import JobSpec, SpecError
+from lorafleet.train.cluster import start_ray, started_here
 from lorafleet.train.timings import PhaseClock
 from lorafleet.train.worker import (
     StepHook,
@@ -325,110 +318,6 @@ def preflight(prepared: Prepared, location: RunLocation, fresh: bool = False) ->
         )
 
 
-def start_ray(address: Optional[str] = None, verbose: bool = False, dashboard: bool = False) -> Optional[str]:
-    """Start a Ray instance for this job alone, or join the cluster at `address` (or `RAY_ADDRESS`).
-
-    Without an address, `ray.init(address="local")`: a new instance, even when one started with `ray start` runs on
-    this machine (plain `ray.init()` would join that one, whose workers lack this shell's environment: storage
-    credentials, `AWS_ENDPOINT_URL`). Its processes inherit this environment.
-
-    With an address (`auto`, `HOST:PORT`, `ray://...`), it joins, prints one line naming the cluster, and the job's
-    runtime environment carries this shell's storage settings ([`~lorafleet.runstore.location.storage_env`]) to the
-    cluster's processes. Not as the entrypoint of a Jobs API job (`lorafleet submit --address http://...`): that job
-    has its own runtime environment, the cluster's.
-
-    Args:
-        address (`str`, *optional*):
-            The cluster to join; default `RAY_ADDRESS`, else none.
-        verbose (`bool`, *optional*, defaults to `False`):
-            Forward Ray's and the workers' logs.
-        dashboard (`bool`, *optional*, defaults to `False`):
-            Give a new instance its dashboard (the State API), which Ray Train's placement-group cleaner needs to free
-            the workers' CPUs of a run whose controller was killed (a sweep's stopped trial). A run's own instance
-            goes without: it starts faster.
-
-    Returns:
-        `str` or `None`: The line printed on joining a cluster; `None` for a new instance, or when Ray was already
-        initialized in this process (a notebook's own `ray.init`, used as it is).
-
-    Raises:
-        [`~lorafleet.spec.SpecError`]: No cluster answers at the address.
-
-    Example:
-
-    ```python
-    >>> start_ray("127.0.0.1:6379")  # doctest: +SKIP
-    'lorafleet: joined the Ray cluster at 127.0.0.1:6379 (--address=127.0.0.1:6379): 1 node, 2 CPUs; ...'
-    ```
-    """
-    import ray
-
-    if ray.is_initialized():
-        return None
-    source = "--address" if address else "RAY_ADDRESS"
-    target = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = dict(
-        log_to_driver=verbose,
-        logging_level=logging.INFO if verbose else logging.WARNING,
-    )
-    settings: dict[str, str] = {}
-    if target is None:
-        # Workers import lorafleet from the installed package.
-        kwargs.update(address="local", include_dashboard=dashboard)
-    else:
-        kwargs["address"] = target
-        settings = {} if in_submitted_job() else storage_env()
-        if settings:
-            kwargs["runtime_env"] = {"env_vars": settings}
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # An embedded instance's processes (the Train controller among them) inherit this environment; jobs sent to a
-    # cluster carry the same settings in their runtime environment (lorafleet.remote).
-    os.environ.update(train_env())
-    # stdout holds lorafleet's lines only (the --json line last); Ray would print the cluster's messages there.
-    cluster_messages_to_stderr()
-    sigterm = signal.getsignal(signal.SIGTERM)
-    try:
-        try:
-            ray.init(**kwargs)
-        except Exception as exc:
-            if target is not None or not node_start_timed_out(exc):
-                raise
-            # A loaded machine: Ray waits a fixed 30 s for the node it starts. Once more, without the first try's
-            # processes.
-            stop_child_processes()
-            ray.init(**kwargs)
-    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        # Ray sends its auth token to an explicit address only in token mode, and `ray start` turns token auth on
-        # by default: a likely cause worth naming.
-        hint = (
-            "; a cluster with token authentication needs RAY_AUTH_MODE=token here"
-            if target != "auto" and os.environ.get("RAY_AUTH_MODE", "").lower() != "token"
-            else ""
-        )
-        raise SpecError(f"{source}: cannot join the Ray cluster at '{target}' ({first}){hint}") from None
-    if callable(sigterm) and threading.current_thread() is threading.main_thread():
-        # ray.init makes SIGTERM exit the driver on the spot; a handler the caller installed (`lorafleet submit`
-        # turns SIGTERM into a clean stop of the run) is put back.
-        signal.signal(signal.SIGTERM, sigterm)
-    if target is None:
-        return None
-    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-    resources = ray.cluster_resources()
-    sizes = "".join(f", {int(resources[k])} {k}s" for k in ("CPU", "GPU") if resources.get(k))
-    line = (
-        f"lorafleet: joined the Ray cluster at {ray.get_runtime_context().gcs_address} ({source}={target}): "
-        f"{nodes} node{'s' if nodes != 1 else ''}{sizes}; "
-        + (
-            f"this shell's storage settings go to its workers ({', '.join(sorted(settings))})"
-            if settings
-            else "its workers use their own storage settings"
-        )
-    )
-    print(line, file=sys.stderr, flush=True)
-    return line
-
-
 def make_trainer(
     prepared: Prepared, channel: Any = None, step_hooks: Sequence[StepHook] = ()
 ) -> Any:
@@ -445,7 +334,9 @@ def make_trainer(
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     resources = dict(scaling.resources_per_worker) or None
     storage_path, filesystem = RunLocation.of(spec).ray_storage()
-    return TorchTrainer(
+    # On the run's own instance the controller starts in a prestarted worker (lorafleet.compat.ray item 10).
+    trainer_cls = embedded_trainer(TorchTrainer) if started_here() else TorchTrainer
+    return trainer_cls(
         train_loop_per_worker,
         # Ray Train puts the loop and its config in the object store once; every worker reads the data from there.
         train_loop_config=WorkerInputs(

@@ -1,11 +1,12 @@
 """One test per Ray assumption of `lorafleet.compat.ray` (checked on ray 2.60.0). The Ray Train items run without a
 cluster: a `StorageContext` is built directly on a temporary folder, as Ray's own doctests build one. The cluster
-messages of item 8 come from a real embedded Ray instance in a subprocess.
+messages of item 8 come from a real embedded Ray instance in a subprocess, and so does item 10's Train run.
 
 Each failure message names the assumption, so a Ray upgrade that breaks one says which workaround to revisit.
 """
 
 import dataclasses
+import json
 import inspect
 import os
 import re
@@ -194,7 +195,7 @@ def test_a_cluster_message_goes_to_stderr_and_stdout_keeps_only_our_lines(tmp_pa
     script = (
         "import sys, time, ray\n"
         "from ray._private import utils, worker\n"
-        "from lorafleet.train.driver import start_ray\n"
+        "from lorafleet.train.cluster import start_ray\n"
         "class Seen:\n"
         "    def __init__(self, inner): self.inner, self.text = inner, ''\n"
         "    def write(self, text): self.text += text; return self.inner.write(text)\n"
@@ -291,3 +292,78 @@ def test_lorafleet_api_answers_on_its_port_from_the_replica(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_trainers_controller_start_is_the_one_embedded_trainer_replaces():
+    from ray.train.v2._internal import constants
+    from ray.train.v2.api import data_parallel_trainer as dpt
+
+    replaced = inspect.getsource(dpt.DataParallelTrainer._initialize_and_run_controller)
+    for fragment in ("get_env_vars_to_propagate()", "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR",
+                     "runtime_env={\"env_vars\": env_vars}", ")(TrainController)", "label_selector=",
+                     "self._register_sigint_handler(controller)", "ray.get(controller.run.remote())",
+                     "return ray.get(controller.get_result.remote())"):
+        assert fragment in replaced, (
+            f"ray: DataParallelTrainer._initialize_and_run_controller changed ({CHECKED.format(10)}): no "
+            f"{fragment!r}; compare lorafleet.compat.ray._run_controller_in_the_jobs_env with it"
+        )
+    assert "self._initialize_and_run_controller(" in inspect.getsource(dpt.DataParallelTrainer.fit)
+    for name, value in compat.EMBEDDED_TRAIN_ENV.items():
+        assert name in constants.ENV_VARS_TO_PROPAGATE, f"ray: {name} is no longer a Train setting ({CHECKED.format(10)})"
+    assert constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR in compat.EMBEDDED_TRAIN_ENV
+    assert compat.EMBEDDED_TRAIN_ENV[dpt.RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR] == (
+        dpt.DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE
+    )
+
+
+EMBEDDED_CONTROLLER = """
+import json, os, sys, time
+import psutil, ray
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from lorafleet.compat.ray import embedded_trainer
+from lorafleet.train.cluster import start_ray
+
+def look(config):
+    import json, psutil
+    actors = {}
+    for process in psutil.process_iter(["cmdline"]):
+        title = " ".join(process.info["cmdline"] or [])
+        if title.startswith("ray::"):
+            actors.setdefault(title.split()[0].split(".")[0], process)  # "ray::TrainController.run"
+    controller = actors["ray::TrainController"]
+    env = controller.environ()
+    with open(config["out"], "w") as f:
+        json.dump({"created": controller.create_time(), "actors": sorted(actors),
+                   "env": {k: env.get(k) for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                                                    "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC",
+                                                    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}}, f)
+
+start_ray()
+time.sleep(3)  # the raylet's prestarted workers are up
+began = time.time()
+trainer = embedded_trainer(TorchTrainer)(
+    look, train_loop_config={"out": sys.argv[1]}, scaling_config=ScalingConfig(num_workers=1),
+    run_config=RunConfig(name="item10", storage_path=sys.argv[2]))
+result = trainer.fit()
+seen = json.load(open(sys.argv[1]))
+print(json.dumps({"error": repr(result.error) if result.error else None, "before_fit": seen["created"] < began - 1,
+                  "actors": seen["actors"], "env": seen["env"]}))
+"""
+
+
+def test_an_embedded_trainers_controller_takes_a_prestarted_worker(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", EMBEDDED_CONTROLLER, str(tmp_path / "seen.json"), str(tmp_path / "runs")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["error"] is None
+    assert out["before_fit"], (
+        f"ray: the Train controller started in a fresh process, not a prestarted worker ({CHECKED.format(10)})"
+    )
+    # Its settings came through the environment instead of a runtime environment of its own.
+    assert out["env"] == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0",
+                          "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    assert "ray::PreemptionWatcher" not in out["actors"] and "ray::RayTrainWorker" in out["actors"]

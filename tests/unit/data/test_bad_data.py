@@ -210,13 +210,27 @@ def test_accepted_variants_still_load(tmp_path):
 CLI_KINDS = ["jsonl: binary", "jsonl: not UTF-8", "jsonl: 0 bytes"]
 
 
+def ray_servers() -> set[int]:
+    """The pids of the GCS servers running on this machine (one per Ray instance)."""
+    import psutil
+
+    servers = set()
+    for process in psutil.process_iter(["name", "status"]):
+        if process.info["name"] == "gcs_server" and process.info["status"] != psutil.STATUS_ZOMBIE:
+            servers.add(process.pid)
+    return servers
+
+
 @pytest.mark.parametrize("kind", CLI_KINDS)
-def test_submit_refuses_bad_data_before_ray_starts(tmp_path, kind):
+def test_submit_refuses_bad_data_and_leaves_nothing_running(tmp_path, kind):
     _, build, _, message = next(c for c in CASES if c[0] == kind)
     path = build(tmp_path)
     storage = tmp_path / "runs"
     sets = [*SMALL_RUN, "name=bad-data", f"checkpoint.storage={storage}", f"data.path={path}"]
+    before = ray_servers()
     result = run_cli("submit", "tests/jobs/llama.yaml", *[a for s in sets for a in ("--set", s)], timeout=300)
+    # The run's Ray instance started in the background while the data was checked; the refusal stopped it.
+    assert ray_servers() - before == set()
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -1,6 +1,6 @@
 """The driver's pre-flight, without Ray: the data fingerprint and its comparison with a run's latest checkpoint, the
-writability probe of the run's storage (local disk, and S3 on moto), and how `start_ray` decides between a Ray
-instance of the job's own and a cluster to join (with `ray.init` replaced, so nothing starts)."""
+writability probe of the run's storage (local disk, and S3 on moto), the storage settings a joined cluster's workers
+get, and what `submit --help` says of where a job runs (`start_ray` itself: tests/unit/train/test_cluster.py)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-import ray
 from click.testing import CliRunner
 
 from lorafleet.cli.main import cli as lorafleet_cli
 from lorafleet.runstore.checkpoint import INFO_FILE
 from lorafleet.runstore.location import PROBE_PREFIX, RunLocation, storage_env
 from lorafleet.spec import SpecError
-from lorafleet.train.driver import Prepared, data_change, data_fingerprint, preflight, start_ray
+from lorafleet.train.driver import Prepared, data_change, data_fingerprint, preflight
 
 from helpers.cli import JOBS, TEST_JOB
-from helpers.s3_server import SECRET_KEY
 
 TASKS = JOBS / "data" / "tasks.jsonl"
 
@@ -168,89 +166,6 @@ def test_latest_checkpoint_json_on_s3(s3_server):
                                     Body=json.dumps({"step": step}).encode())
     path, info = RunLocation(f"s3://{s3_server.bucket}/runs/latest", "job").latest_checkpoint_json(INFO_FILE)
     assert (path, info) == (f"{s3_server.bucket}/{prefix}/checkpoint_2026-01-01_00-00-02.0", {"step": 4})
-
-
-# -- where Ray runs ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fake_ray(monkeypatch):
-    """`ray.init` recorded instead of run, and a one-node cluster for the joining line."""
-    calls: list[dict] = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": False}])
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    monkeypatch.setattr(ray, "get_runtime_context", lambda: type("C", (), {"gcs_address": "10.0.0.5:6379"})())
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
-    return calls
-
-
-def test_without_an_address_a_new_instance_even_beside_a_running_one(fake_ray, capsys):
-    # address="local": Ray starts a new instance even when `ray start` left its address in ray_current_cluster,
-    # where plain ray.init() would join it.
-    assert start_ray() is None
-    (kwargs,) = fake_ray
-    assert kwargs["address"] == "local" and kwargs["include_dashboard"] is False
-    assert "runtime_env" not in kwargs  # the instance's processes inherit this environment
-    assert capsys.readouterr().err == ""
-
-
-@pytest.mark.parametrize("given", ["option", "env"])
-def test_joining_says_so_and_carries_the_storage_settings(fake_ray, monkeypatch, capsys, given):
-    if given == "env":
-        monkeypatch.setenv("RAY_ADDRESS", "auto")
-    line = start_ray("10.0.0.5:6379" if given == "option" else None)
-    (kwargs,) = fake_ray
-    assert kwargs["address"] == ("10.0.0.5:6379" if given == "option" else "auto")
-    assert kwargs["runtime_env"]["env_vars"] == storage_env()
-    assert kwargs["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == SECRET_KEY
-    source = "--address=10.0.0.5:6379" if given == "option" else "RAY_ADDRESS=auto"
-    assert line.startswith(f"lorafleet: joined the Ray cluster at 10.0.0.5:6379 ({source}): 1 node, 2 CPUs; ")
-    assert "AWS_SECRET_ACCESS_KEY" in line and SECRET_KEY not in line
-    assert capsys.readouterr().err == line + "\n"
-
-
-def test_a_jobs_api_entrypoint_keeps_its_jobs_runtime_env(fake_ray, monkeypatch):
-    # The job supervisor sets RAY_ADDRESS and the job's runtime env; ray.init would refuse env_vars it also sets.
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"A": "1"}}}))
-    start_ray()
-    assert "runtime_env" not in fake_ray[0]
-
-
-def test_a_cluster_that_does_not_answer_is_one_line(fake_ray, monkeypatch):
-    def refuse(**kwargs):
-        raise ConnectionError("Could not find any running Ray instance.\nPlease specify ...")
-
-    monkeypatch.setattr(ray, "init", refuse)
-    with pytest.raises(SpecError) as err:
-        start_ray("auto")
-    assert err.value.problems == [
-        "--address: cannot join the Ray cluster at 'auto' (Could not find any running Ray instance.)"
-    ]
-    # An explicit address gets Ray's token only in token mode, which `ray start` clusters use by default.
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
-    with pytest.raises(SpecError) as err:
-        start_ray()
-    assert err.value.problems == [
-        "RAY_ADDRESS: cannot join the Ray cluster at '10.0.0.5:6379' (Could not find any running Ray instance.); "
-        "a cluster with token authentication needs RAY_AUTH_MODE=token here"
-    ]
-
-
-def test_ray_refuses_a_drivers_env_vars_that_repeat_its_jobs():
-    # compat.ray item 4: why a Jobs API entrypoint passes no runtime env of its own.
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-    from ray.runtime_env.runtime_env import _merge_runtime_env
-
-    assert RAY_JOB_CONFIG_JSON_ENV_VAR == "RAY_JOB_CONFIG_JSON_ENV_VAR"
-    assert _merge_runtime_env({"env_vars": {"A": "1"}}, {"env_vars": {"A": "2"}}) is None
-    assert _merge_runtime_env({"env_vars": {"A": "1"}}, {"env_vars": {"B": "2"}}) == {"env_vars": {"A": "1", "B": "2"}}
 
 
 def test_storage_env_takes_aws_and_gcs_settings_only(monkeypatch):
