@@ -131,29 +131,30 @@ def submit(
         return submit_remote_command(spec, address, wait, as_json)
     if wait:
         fail("--wait: needs a Jobs API address (--address http://HEAD:8265 or RAY_ADDRESS); a local run always waits")
-    from lorafleet.train.cluster import start_ray_in_background, stop_background_ray
-
-    # Ray's processes boot while this one imports torch and runs the pre-flight checks; a refusal stops them again.
-    start_ray_in_background(address, verbose)
     import psutil
 
     from lorafleet.spec import SpecError
-    from lorafleet.train.driver import run_job
+    from lorafleet.train.cluster import start_ray_in_background, stop_background_ray
     from lorafleet.train.timings import PhaseClock
 
     # From the process's start: the interpreter's and the imports' seconds are part of what a user waits for.
     clock = PhaseClock(started=psutil.Process().create_time())
 
     view = ProgressView(spec.name, spec.training.steps)
-    click.echo(
-        f"lorafleet: {spec.name}: {spec.scaling.num_workers} worker(s), {spec.scaling.strategy}, "
-        f"{spec.training.steps} steps, storage {spec.storage_uri}",
-        err=True,
-    )
     stop = StopOnSignal(spec.name)
-    clock.lap("command_start")
     try:
         with stop:
+            # The run's own Ray instance boots while this process imports torch and runs the pre-flight checks. Its
+            # start keeps the signal handlers just installed; a refusal stops it again.
+            start_ray_in_background(address, verbose)
+            from lorafleet.train.driver import run_job
+
+            click.echo(
+                f"lorafleet: {spec.name}: {spec.scaling.num_workers} worker(s), {spec.scaling.strategy}, "
+                f"{spec.training.steps} steps, storage {spec.storage_uri}",
+                err=True,
+            )
+            clock.lap("command_start")
             summary = run_job(spec, address=address, on_progress=view.update, verbose=verbose, fresh=fresh,
                               clock=clock)
     except SpecError as exc:

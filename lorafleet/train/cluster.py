@@ -12,11 +12,14 @@ driver.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any, Optional
 
 from lorafleet.compat.ray import (
@@ -28,6 +31,28 @@ from lorafleet.compat.ray import (
 )
 from lorafleet.runstore.location import storage_env
 from lorafleet.spec import SpecError
+
+
+@contextlib.contextmanager
+def _signal_action_kept(signum: int) -> Iterator[None]:
+    """Put back the process's handler of `signum` as it was before the block, at the C level.
+
+    `ray.init` installs Ray's C++ crash handler for SIGTERM, which prints a stack and aborts. On the main thread
+    [`start_ray`] puts the driver's own Python handler back with `signal.signal`; off it, Python refuses that call,
+    but `sigaction` is the process's and may be called from any thread. The action is copied as opaque bytes, so
+    the struct's layout does not matter; where libc has no `sigaction`, nothing is kept.
+    """
+    action = ctypes.create_string_buffer(1024)  # larger than any platform's struct sigaction
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        kept = libc.sigaction(signum, None, action) == 0
+    except (OSError, AttributeError):
+        kept = False
+    try:
+        yield
+    finally:
+        if kept:
+            libc.sigaction(signum, action, None)
 
 
 def _not_the_sigterm_note(record: logging.LogRecord) -> bool:
@@ -55,7 +80,8 @@ class _BackgroundStart(threading.Thread):
         ray_worker_log = logging.getLogger("ray._private.worker")
         ray_worker_log.addFilter(_not_the_sigterm_note)
         try:
-            start_ray(None, self.verbose)
+            with _signal_action_kept(signal.SIGTERM):
+                start_ray(None, self.verbose)
         except BaseException as exc:  # handed to the thread that waits: it fails there as a direct start would
             self.error = exc
         finally:
