@@ -20,7 +20,7 @@ from typing import Any, Optional
 PHASES: dict[str, str] = {
     "command_start": "command start (imports, spec)",
     "preflight": "pre-flight (base model, data read and tokenized, storage checks)",
-    "ray_start": "Ray start (or join)",
+    "ray_start": "Ray start (or join; what is left of a start begun in the background)",
     "train_start": "Train controller and worker group start",
     "worker_imports": "worker imports (torch, transformers, peft)",
     "worker_model": "worker model build (4-bit load, LoRA, kernel patch)",

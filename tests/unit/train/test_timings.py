@@ -48,7 +48,7 @@ def test_lines_name_every_phase_in_words_with_seconds():
         clock.lap(name, now=float(i))
     lines = clock.lines()
     assert len(lines) == len(PHASES)
-    assert lines[2] == "phase Ray start (or join): 1.0 s"
+    assert lines[2] == "phase Ray start (or join; what is left of a start begun in the background): 1.0 s"
     assert all(line.startswith("phase ") and line.endswith(" s") for line in lines)
 
 
